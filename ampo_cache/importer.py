@@ -1,0 +1,196 @@
+"""Import traces in the "long" layout (one row per trace) into a store, verifying each one.
+
+Two passes over the file. The first checks every row (columns present, answer not empty, label
+readable, one answer per problem) and touches nothing, so bad input leaves the store as it was.
+The second writes shards of ``chunk_rows`` rows: prompts first, then their traces. A trace already
+in the store (same prompt, teacher and text) is skipped, which makes a second import of the same
+file add nothing and lets an interrupted import be completed by running it again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+from ampo_cache.errors import InputError
+from ampo_cache.ids import prompt_id, text_hash
+from ampo_cache.readers import read_records
+from ampo_cache.schema import PROMPTS, TRACES
+from ampo_cache.store import TraceStore, query_arrow
+from ampo_cache.verify import Verifier
+
+_TRUE = {"true", "1", "yes", "correct", "t", "y"}
+_FALSE = {"false", "0", "no", "wrong", "incorrect", "f", "n"}
+
+
+@dataclass
+class LongLayout:
+    """Which input column holds what. ``problem`` falls back to ``question`` when left at default."""
+
+    problem: str = "problem"
+    answer: str = "answer"
+    teacher: str = "teacher"
+    trace: str = "trace"
+    label: str | None = None
+
+
+@dataclass
+class ParsedTrace:
+    where: str
+    problem: str
+    answer: str
+    teacher: str
+    text: str
+    label: bool | None
+
+
+@dataclass
+class ImportSummary:
+    rows: int = 0
+    prompts_added: int = 0
+    traces_added: int = 0
+    duplicates: int = 0
+    statuses: Counter = field(default_factory=Counter)
+
+
+def _field(where: str, record: dict, name: str):
+    if name not in record:
+        raise InputError(where, f"missing column {name!r} (columns found: {', '.join(map(str, record))})")
+    return record[name]
+
+
+def _text(where: str, value, name: str, allow_empty: bool = False) -> str:
+    if value is None:
+        raise InputError(where, f"column {name!r} is null; expected text")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InputError(where, f"column {name!r} should be text, got {type(value).__name__}")
+    text = str(value)
+    if not allow_empty and not text.strip():
+        raise InputError(where, f"empty {name!r}")
+    return text
+
+
+def _label(where: str, value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InputError(where, f"column {name!r} should be a correctness label (true/false/1/0), got {value!r}")
+
+
+def parse_row(where: str, record: dict, layout: LongLayout) -> ParsedTrace:
+    problem_col = layout.problem
+    if problem_col == "problem" and "problem" not in record and "question" in record:
+        problem_col = "question"
+    return ParsedTrace(
+        where=where,
+        problem=_text(where, _field(where, record, problem_col), "problem"),
+        answer=_text(where, _field(where, record, layout.answer), "answer").strip(),
+        teacher=_text(where, _field(where, record, layout.teacher), "teacher").strip(),
+        text=_text(where, _field(where, record, layout.trace), "trace", allow_empty=True),
+        label=None if layout.label is None else _label(where, _field(where, record, layout.label), layout.label),
+    )
+
+
+def _parsed(path: Path, layout: LongLayout) -> Iterator[ParsedTrace]:
+    for where, record in read_records(path):
+        yield parse_row(where, record, layout)
+
+
+def _stored_answers(store: TraceStore) -> dict[str, str]:
+    with store.connect() as con:
+        ids, answers = query_arrow(con, "SELECT prompt_id, answer FROM prompts").columns
+    return dict(zip(ids.to_pylist(), answers.to_pylist()))
+
+
+def check_file(path: Path, layout: LongLayout, stored_answers: dict[str, str]) -> int:
+    """Pass 1: every row parses and each problem has one answer. Returns the row count."""
+    answers = dict(stored_answers)
+    rows = 0
+    for row in _parsed(path, layout):
+        pid = prompt_id(row.problem)
+        known = answers.setdefault(pid, row.answer)
+        if known != row.answer:
+            raise InputError(row.where, f"answer {row.answer!r} differs from {known!r} given for the same problem")
+        rows += 1
+    return rows
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def import_long(
+    path: str | Path,
+    store: TraceStore,
+    layout: LongLayout,
+    verifier: Verifier,
+    trust_labels: bool = False,
+    source: str | None = None,
+    chunk_rows: int = 2000,
+    on_start: Callable[[int], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
+) -> ImportSummary:
+    path = Path(path)
+    if trust_labels and layout.label is None:
+        raise InputError("--trust-labels", "needs --label-col naming the column that holds the labels")
+    stored_answers = _stored_answers(store)
+    total = check_file(path, layout, stored_answers)
+    if on_start:
+        on_start(total)
+
+    known_prompts = set(stored_answers)
+    keys = store.trace_keys()
+    seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+    next_idx: Counter = Counter()
+    for pid, teacher, idx, digest in zip(*(keys.column(i).to_pylist() for i in range(4))):
+        seen[pid, teacher].add(digest)
+        next_idx[pid, teacher] = max(next_idx[pid, teacher], idx + 1)
+
+    summary = ImportSummary(rows=total)
+    origin, source = f"import:{path.name}", source or path.name
+    for chunk in _batched(_parsed(path, layout), chunk_rows):
+        now = datetime.now(timezone.utc)
+        prompt_rows, trace_rows, todo = [], [], []
+        for row in chunk:
+            pid = prompt_id(row.problem)
+            if pid not in known_prompts:
+                known_prompts.add(pid)
+                prompt_rows.append(dict(prompt_id=pid, problem=row.problem, answer=row.answer, source=source, created_at=now))
+            digest = text_hash(row.text)
+            if digest in seen[pid, row.teacher]:
+                summary.duplicates += 1
+                continue
+            seen[pid, row.teacher].add(digest)
+            trace_rows.append(
+                dict(
+                    prompt_id=pid, teacher=row.teacher, sample_idx=next_idx[pid, row.teacher], text=row.text,
+                    text_hash=digest, source_label=row.label, num_chars=len(row.text), origin=origin, created_at=now,
+                )
+            )
+            next_idx[pid, row.teacher] += 1
+            todo.append(row)
+        if trust_labels:
+            for trace, row in zip(trace_rows, todo):
+                trace.update(correct=row.label, verify_status="trusted", extracted_answer=None)
+        else:
+            verdicts = verifier.verify([r.text for r in todo], [r.answer for r in todo])
+            for trace, verdict in zip(trace_rows, verdicts):
+                trace.update(correct=verdict.correct, verify_status=verdict.status, extracted_answer=verdict.extracted)
+        summary.statuses.update(t["verify_status"] for t in trace_rows)
+        store.append("prompts", pa.Table.from_pylist(prompt_rows, schema=PROMPTS))
+        store.append("traces", pa.Table.from_pylist(trace_rows, schema=TRACES))
+        summary.prompts_added += len(prompt_rows)
+        summary.traces_added += len(trace_rows)
+        if on_rows:
+            on_rows(len(chunk))
+    return summary

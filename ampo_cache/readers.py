@@ -1,0 +1,83 @@
+"""Read records from JSONL, CSV or Parquet files, each with its place ("FILE:LINE" or "FILE: row N").
+
+Records stream one at a time, so a file far larger than memory can be checked and imported. Any
+defect (not UTF-8, malformed JSON, a line that is not an object, an unreadable Parquet file) raises
+InputError naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from ampo_cache.errors import InputError
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+Record = tuple[str, dict]
+
+
+def file_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(str(path), f"unknown file type {path.suffix!r}; expected one of {sorted(FORMATS)}")
+    if not path.is_file():
+        raise InputError(str(path), "no such file")
+    return fmt
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{line_no}", f"not valid UTF-8 (byte {exc.start} of the line)") from None
+
+
+def _jsonl(path: Path) -> Iterator[Record]:
+    for line_no, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{line_no}", f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{line_no}", f"expected a JSON object, got {type(record).__name__}")
+        yield f"{path}:{line_no}", record
+
+
+def _csv(path: Path) -> Iterator[Record]:
+    lines = (line for _, line in _decoded_lines(path))
+    reader = csv.reader(lines)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if len(row) != len(header):
+            raise InputError(where, f"expected {len(header)} fields as in the header, found {len(row)}")
+        yield where, dict(zip(header, row))
+
+
+def _parquet(path: Path) -> Iterator[Record]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(str(path), f"not a readable Parquet file ({exc})") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            yield f"{path}: row {row}", record
+            row += 1
+
+
+def read_records(path: str | Path) -> Iterator[Record]:
+    path = Path(path)
+    return {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[file_format(path)](path)

@@ -1,0 +1,220 @@
+"""The verifier: extract a final answer from a reasoning trace and compare it with the ground truth.
+
+One verifier serves the whole project (import, build, trainer rewards, eval), so a trace is judged
+the same way everywhere.
+
+Extraction, first match wins:
+  1. the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced;
+  2. the text after the last "the answer is" (case-insensitive), up to the end of its line;
+  3. the text after the last ``####``;
+  4. the text after the last line starting ``A:``;
+  5. the last plain number in the text (``-1,234.5``, ``3/4``).
+
+Comparison: when both sides are plain numbers (thousands separators allowed) they are compared
+exactly as decimals, in-process: that is most traces and it is fast. Everything else goes to
+math-verify (``parse`` + ``verify``), which understands LaTeX fractions, sets, intervals, etc.
+
+math-verify can hang on pathological LaTeX, so ``Verifier`` runs it in a pebble process pool with
+a per-item timeout: a stuck item is killed and marked ``timeout``, a crashed worker marks its item
+``error``, and the rest of the batch carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import re
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Sequence
+
+STATUSES = ("correct", "wrong", "no_answer", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # one of STATUSES
+    extracted: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.status == "correct"
+
+
+# ---------------------------------------------------------------- extraction
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS_RE = re.compile(r"the (?:final )?answer is[:\s]*([^\n]+)", re.IGNORECASE)
+_HASHES_RE = re.compile(r"####\s*([^\n]+)")
+_A_COLON_RE = re.compile(r"^\s*A:\s*(.+?)\s*$", re.MULTILINE)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?")
+
+
+def _last_boxed(text: str) -> str | None:
+    starts = [m.end() for m in _BOX_RE.finditer(text)]
+    for start in reversed(starts):
+        depth, i = 1, start
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start : i - 1]
+    return None
+
+
+def _clean(answer: str) -> str:
+    """Strip what surrounds an answer in prose: spaces, $ delimiters, a trailing full stop."""
+    answer = answer.strip()
+    answer = answer.strip("$").strip()
+    answer = re.sub(r"[.\s]+$", "", answer)
+    return answer
+
+
+def extract_answer(text: str) -> str | None:
+    """The trace's final answer as text, or None when it states none."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _clean(boxed) or None
+    for pattern in (_ANSWER_IS_RE, _HASHES_RE, _A_COLON_RE):
+        matches = pattern.findall(text)
+        if matches:
+            inner = _last_boxed(matches[-1])
+            answer = _clean(inner if inner is not None else matches[-1])
+            if answer:
+                return answer
+    numbers = _NUMBER_RE.findall(text)
+    return _clean(numbers[-1]) if numbers else None
+
+
+# ---------------------------------------------------------------- comparison
+
+_PLAIN_NUMBER_RE = re.compile(r"^-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$")
+
+
+def _as_decimal(answer: str) -> Decimal | None:
+    compact = answer.replace(" ", "").replace("{,}", ",")
+    if not _PLAIN_NUMBER_RE.match(compact):
+        return None
+    try:
+        return Decimal(compact.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def _math_verify_equal(answer: str, extracted: str) -> bool:
+    """math-verify on both sides; no internal timeout (the pool provides one)."""
+    from math_verify import parse, verify
+
+    _worker_init()
+    gold = parse(f"${answer}$", parsing_timeout=None)
+    pred = parse(f"${extracted}$", parsing_timeout=None)
+    if not gold or not pred:
+        return False
+    return bool(verify(gold, pred, timeout_seconds=None))
+
+
+def _fast_verdict(text: str, answer: str) -> tuple[Verdict | None, str | None]:
+    """Decide without math-verify when possible; else return the extracted answer to check."""
+    extracted = extract_answer(text)
+    if extracted is None:
+        return Verdict("no_answer"), None
+    if _clean(answer) == extracted:
+        return Verdict("correct", extracted), extracted
+    gold_num, pred_num = _as_decimal(_clean(answer)), _as_decimal(extracted)
+    if gold_num is not None and pred_num is not None:
+        return Verdict("correct" if gold_num == pred_num else "wrong", extracted), extracted
+    return None, extracted
+
+
+def _slow_status(answer: str, extracted: str) -> str:
+    try:
+        return "correct" if _math_verify_equal(answer, extracted) else "wrong"
+    except Exception:  # noqa: BLE001 - any failure inside math-verify is this item's error
+        return "error"
+
+
+def verify_one(text: str, answer: str) -> Verdict:
+    """Verify in this process, with no timeout: for trusted or small inputs (and tests)."""
+    verdict, extracted = _fast_verdict(text, answer)
+    if verdict is not None:
+        return verdict
+    return Verdict(_slow_status(answer, extracted), extracted)
+
+
+def _worker_init() -> None:
+    # math-verify warns once per process that we disabled its timeout: we did, on purpose.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+class Verifier:
+    """Verifies batches with a reusable process pool; each slow item gets ``timeout`` seconds.
+
+    ``workers=0`` runs everything in-process (no timeout protection): useful in tests and when the
+    inputs are known to be plain numbers.
+    """
+
+    def __init__(self, timeout: float = 5.0, workers: int | None = None):
+        self.timeout = timeout
+        self.workers = max(1, multiprocessing.cpu_count()) if workers is None else workers
+        self._pool = None
+
+    def _get_pool(self):
+        if self._pool is None:
+            from pebble import ProcessPool
+
+            # forkserver: workers never inherit the caller's threads (torch, DuckDB) or its memory.
+            self._pool = ProcessPool(
+                max_workers=self.workers,
+                context=multiprocessing.get_context("forkserver"),
+                initializer=_worker_init,
+            )
+        return self._pool
+
+    def verify(self, texts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
+        if len(texts) != len(answers):
+            raise ValueError(f"{len(texts)} texts but {len(answers)} answers")
+        verdicts: list[Verdict | None] = []
+        slow: list[tuple[int, str, str]] = []
+        for i, (text, answer) in enumerate(zip(texts, answers)):
+            verdict, extracted = _fast_verdict(text, answer)
+            verdicts.append(verdict)
+            if verdict is None:
+                slow.append((i, answer, extracted))
+        if not slow:
+            return verdicts  # type: ignore[return-value]
+        if self.workers == 0:
+            for i, answer, extracted in slow:
+                verdicts[i] = Verdict(_slow_status(answer, extracted), extracted)
+            return verdicts  # type: ignore[return-value]
+        pool = self._get_pool()
+        futures = [(i, extracted, pool.schedule(_slow_status, (answer, extracted), timeout=self.timeout))
+                   for i, answer, extracted in slow]
+        for i, extracted, future in futures:
+            try:
+                verdicts[i] = Verdict(future.result(), extracted)
+            except FutureTimeout:
+                verdicts[i] = Verdict("timeout", extracted)
+            except Exception:  # noqa: BLE001 - a worker that died (ProcessExpired) or raised
+                verdicts[i] = Verdict("error", extracted)
+        return verdicts  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def verify_batch(
+    texts: Sequence[str], answers: Sequence[str], timeout: float = 5.0, workers: int | None = None
+) -> list[Verdict]:
+    """One-off batch verification (starts and stops a pool only if some item needs math-verify)."""
+    with Verifier(timeout=timeout, workers=workers) as verifier:
+        return verifier.verify(texts, answers)

@@ -1,0 +1,45 @@
+"""What every command shares: one-line errors with exit code 2, rich output helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterable, Sequence
+
+import duckdb
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ampo_cache.errors import InputError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except InputError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except duckdb.Error as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        err_console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def make_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(str(name))
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    return table
+
+
+def write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
