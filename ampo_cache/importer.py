@@ -1,7 +1,8 @@
 """Import traces in the "long" layout (one row per trace) into a store, verifying each one.
 
 Two passes over the file. The first checks every row (columns present, answer not empty, label
-readable, one answer per problem) and touches nothing, so bad input leaves the store as it was.
+readable, one answer per problem) and touches nothing, so bad input leaves the store as it was (or
+not created at all).
 The second writes shards of ``chunk_rows`` rows: prompts first, then their traces. A trace already
 in the store (same prompt, teacher and text) is skipped, which makes a second import of the same
 file add nothing and lets an interrupted import be completed by running it again.
@@ -131,7 +132,7 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
 
 def import_long(
     path: str | Path,
-    store: TraceStore,
+    store_root: str | Path,
     layout: LongLayout,
     verifier: Verifier,
     trust_labels: bool = False,
@@ -143,10 +144,12 @@ def import_long(
     path = Path(path)
     if trust_labels and layout.label is None:
         raise InputError("--trust-labels", "needs --label-col naming the column that holds the labels")
-    stored_answers = _stored_answers(store)
+    existing = TraceStore.open(store_root) if TraceStore.exists(store_root) else None
+    stored_answers = _stored_answers(existing) if existing else {}
     total = check_file(path, layout, stored_answers)
     if on_start:
         on_start(total)
+    store = TraceStore.create_or_open(store_root)
 
     known_prompts = set(stored_answers)
     keys = store.trace_keys()

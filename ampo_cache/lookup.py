@@ -34,7 +34,7 @@ INDEX_QUERY = f"""
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CachedTrace:
     teacher: str
     sample_idx: int

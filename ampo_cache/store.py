@@ -95,6 +95,10 @@ class TraceStore:
 
     # ------------------------------------------------------------------ opening
 
+    @staticmethod
+    def exists(root: str | Path) -> bool:
+        return (Path(root) / "store.json").is_file()
+
     @classmethod
     def open(cls, root: str | Path) -> "TraceStore":
         store = cls(Path(root))

@@ -65,10 +65,7 @@ def _last_boxed(text: str) -> str | None:
 
 def _clean(answer: str) -> str:
     """Strip what surrounds an answer in prose: spaces, $ delimiters, a trailing full stop."""
-    answer = answer.strip()
-    answer = answer.strip("$").strip()
-    answer = re.sub(r"[.\s]+$", "", answer)
-    return answer
+    return re.sub(r"^[\s$]+|[\s$.]+$", "", answer)
 
 
 def extract_answer(text: str) -> str | None:

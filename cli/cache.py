@@ -36,19 +36,23 @@ def import_cmd(
     source: Optional[str] = typer.Option(None, help="Value of prompts.source (default: the file name)."),
     timeout: float = typer.Option(5.0, help="Seconds allowed to verify one trace."),
     workers: Optional[int] = typer.Option(None, help="Verifier processes (default: CPU count; 0 = in-process)."),
+    shard_rows: int = typer.Option(2000, help="Input rows per shard written (the most a kill can lose)."),
 ):
     """Import traces in the long layout, verifying each against its ground truth."""
     layout = LongLayout(problem=problem_col, answer=answer_col, teacher=teacher_col, trace=trace_col, label=label_col)
     with user_errors(), Verifier(timeout=timeout, workers=workers) as verifier:
-        opened = TraceStore.create_or_open(store)
+        # The bar appears once the file has been checked, so a rejected file prints only its error.
         with Progress(TextColumn("[bold]importing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                      transient=False) as progress:
-            task = progress.add_task(traces.name, total=None)
+                      TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+            task = None
+
+            def start(total: int) -> None:
+                nonlocal task
+                task = progress.add_task(traces.name, total=total)
+
             summary = import_long(
-                traces, opened, layout, verifier, trust_labels=trust_labels, source=source,
-                on_start=lambda total: progress.update(task, total=total),
-                on_rows=lambda n: progress.advance(task, n),
+                traces, store, layout, verifier, trust_labels=trust_labels, source=source, chunk_rows=shard_rows,
+                on_start=start, on_rows=lambda n: progress.advance(task, n),
             )
     rows = [("rows read", summary.rows), ("prompts added", summary.prompts_added),
             ("traces added", summary.traces_added), ("duplicates skipped", summary.duplicates)]
