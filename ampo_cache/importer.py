@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ampo_cache.errors import InputError
 from ampo_cache.ids import prompt_id, text_hash
-from ampo_cache.readers import read_records
+from ampo_cache.readers import column, read_records, text_field
 from ampo_cache.schema import PROMPTS, TRACES
 from ampo_cache.store import TraceStore, query_arrow
 from ampo_cache.verify import Verifier
@@ -60,23 +60,6 @@ class ImportSummary:
     statuses: Counter = field(default_factory=Counter)
 
 
-def _field(where: str, record: dict, name: str):
-    if name not in record:
-        raise InputError(where, f"missing column {name!r} (columns found: {', '.join(map(str, record))})")
-    return record[name]
-
-
-def _text(where: str, value, name: str, allow_empty: bool = False) -> str:
-    if value is None:
-        raise InputError(where, f"column {name!r} is null; expected text")
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise InputError(where, f"column {name!r} should be text, got {type(value).__name__}")
-    text = str(value)
-    if not allow_empty and not text.strip():
-        raise InputError(where, f"empty {name!r}")
-    return text
-
-
 def _label(where: str, value, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -93,11 +76,11 @@ def parse_row(where: str, record: dict, layout: LongLayout) -> ParsedTrace:
         problem_col = "question"
     return ParsedTrace(
         where=where,
-        problem=_text(where, _field(where, record, problem_col), "problem"),
-        answer=_text(where, _field(where, record, layout.answer), "answer").strip(),
-        teacher=_text(where, _field(where, record, layout.teacher), "teacher").strip(),
-        text=_text(where, _field(where, record, layout.trace), "trace", allow_empty=True),
-        label=None if layout.label is None else _label(where, _field(where, record, layout.label), layout.label),
+        problem=text_field(where, column(where, record, problem_col), "problem"),
+        answer=text_field(where, column(where, record, layout.answer), "answer").strip(),
+        teacher=text_field(where, column(where, record, layout.teacher), "teacher").strip(),
+        text=text_field(where, column(where, record, layout.trace), "trace", allow_empty=True),
+        label=None if layout.label is None else _label(where, column(where, record, layout.label), layout.label),
     )
 
 

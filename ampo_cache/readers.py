@@ -78,6 +78,25 @@ def _parquet(path: Path) -> Iterator[Record]:
             row += 1
 
 
+def column(where: str, record: dict, name: str):
+    """The value of column ``name``, or an error listing the columns the row has."""
+    if name not in record:
+        raise InputError(where, f"missing column {name!r} (columns found: {', '.join(map(str, record))})")
+    return record[name]
+
+
+def text_field(where: str, value, name: str, allow_empty: bool = False) -> str:
+    """A cell as text: numbers are accepted (answers are often numbers), null and nesting are not."""
+    if value is None:
+        raise InputError(where, f"column {name!r} is null; expected text")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InputError(where, f"column {name!r} should be text, got {type(value).__name__}")
+    text = str(value)
+    if not allow_empty and not text.strip():
+        raise InputError(where, f"empty {name!r}")
+    return text
+
+
 def read_records(path: str | Path) -> Iterator[Record]:
     path = Path(path)
     return {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[file_format(path)](path)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ampo_cache.build import TeacherPlan, load_build_prompts, parse_shard, plan_build, run_build
 from ampo_cache.coverage import coverage_report
 from ampo_cache.importer import LongLayout, import_long
 from ampo_cache.store import TraceStore
+from ampo_cache.teachers import load_build_config
 from ampo_cache.verify import Verifier
 from cli.common import console, make_table, user_errors, write_stdout
 
@@ -70,6 +73,53 @@ def print_coverage(report: dict) -> None:
         [(report["prompts"], report["prompts_covered"], report["prompts_uncovered"])],
     ))
     console.print(make_table("prompts solved by exactly n teachers", ["n", "prompts"], report["solved_by"].items()))
+
+
+@app.command()
+def build(
+    teachers: Path = typer.Option(..., "--teachers", help="teachers.yaml: prompts, store and the teachers."),
+    shard: Optional[str] = typer.Option(None, help="Build only slice i of N (i/N), by prompt-id hash."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be generated; load no model."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts of the file."),
+    store: Optional[Path] = typer.Option(None, help="Override the store of the YAML."),
+):
+    """Generate, verify and store teacher traces (resumable; run again to continue)."""
+    with user_errors():
+        config = load_build_config(teachers)
+        if store is not None:
+            config.store = store
+        prompts = load_build_prompts(config, parse_shard(shard), limit)
+        plans = plan_build(config, prompts)
+    console.print(make_table(
+        f"plan: {len(prompts)} prompts" + (f" (shard {shard})" if shard else "") + f" -> {config.store}",
+        ["teacher", "backend", "model", "stored", "to generate"],
+        [(p.teacher.name, p.backend, p.teacher.model, p.stored, p.traces) for p in plans]))
+    if dry_run:
+        return
+    with user_errors(), Progress(
+        TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+        TextColumn("{task.fields[rate]:>7.1f} traces/s  pass {task.fields[pass_rate]:>6.1%}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    ) as progress:
+        state = {}
+
+        def start(plan: TeacherPlan) -> None:
+            state.update(task=progress.add_task(plan.teacher.name, total=len(plan.todo), rate=0.0, pass_rate=0.0),
+                         traces=0, correct=0, t0=time.perf_counter())
+
+        def advance(n_prompts: int, n_traces: int, n_correct: int) -> None:
+            state["traces"] += n_traces
+            state["correct"] += n_correct
+            progress.update(state["task"], advance=n_prompts,
+                            rate=state["traces"] / max(time.perf_counter() - state["t0"], 1e-9),
+                            pass_rate=state["correct"] / max(state["traces"], 1))
+
+        results = run_build(config, plans, prompts, teachers, on_teacher_start=start, on_batch=advance)
+    console.print(make_table(
+        "generated this run", ["teacher", "traces", "correct", "truncated", "tokens", "seconds", "traces/s"],
+        [(r.teacher, r.traces, r.correct, r.truncated, r.tokens, f"{r.seconds:.1f}",
+          f"{r.traces / r.seconds:.1f}" if r.seconds else "-") for r in results]))
+    print_coverage(coverage_report(TraceStore.open(config.store)))
 
 
 @app.command()
