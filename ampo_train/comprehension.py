@@ -1,0 +1,264 @@
+"""Comprehension-based ranking of teacher traces: how well does the current student follow a trace?
+
+A trace's final answer is swapped for the ground truth, the student reads prompt + trace once
+(no grad), and the score is the mean probability it gives the ground-truth answer tokens. A
+trace that leads the student to "expect" the right answer is one it understands. The pure parts
+(text surgery, token/answer overlap, score formulas) are separate from the single model-facing
+helper ``score_candidates``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ampo_train.loss import token_logprobs
+
+ScoreKind = Literal["mean_prob", "mean_logp", "prob", "geo_mean_prob"]
+ScoreRank = Literal["comprehension", "trace_likelihood"]
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def _closing_brace(text: str, open_idx: int) -> int | None:
+    """Index of the ``}`` matching the ``{`` at ``open_idx``, or None if unbalanced.
+
+    A backslash escapes the next character, so ``\\{``/``\\}`` (literal braces in LaTeX) do not
+    count and ``\\\\`` (a line break) does not escape the brace after it.
+    """
+    depth, i = 0, open_idx
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def with_ground_truth(trace_text: str, answer: str) -> tuple[str, tuple[int, int] | None]:
+    """Replace the content of the last ``\\boxed{...}`` by ``answer``.
+
+    The last *balanced* box is used: a trailing unclosed ``\\boxed{`` (a truncated trace) is
+    skipped in favour of the one before it. (The reference instead keeps the text up to its last
+    ``<answer>`` tag; our traces put their final answer in a box.)
+
+    Returns:
+        (new_text, (start, end)) where ``new_text[start:end] == answer``; or
+        (trace_text, None) when the text has no balanced ``\\boxed{}``.
+    """
+    for match in reversed(list(_BOXED.finditer(trace_text))):
+        open_idx = match.end() - 1
+        close_idx = _closing_brace(trace_text, open_idx)
+        if close_idx is None:
+            continue
+        start = open_idx + 1
+        new_text = trace_text[:start] + answer + trace_text[close_idx:]
+        return new_text, (start, start + len(answer))
+    return trace_text, None
+
+
+def no_reasoning_trace(answer: str) -> str:
+    """A "trace" with no reasoning, only the boxed answer: scoring it gives the student's
+    probability of the ground truth straight after the prompt (the optional baseline "score A";
+    score - score A is how much a teacher's reasoning helps)."""
+    return "\\boxed{" + answer + "}"
+
+
+def answer_token_mask(offsets: Sequence[tuple[int, int]], span: tuple[int, int] | None) -> Tensor:
+    """``[T]`` bool: True for every token whose character span overlaps the answer span.
+
+    Offsets are (start, end) character positions of the tokens in the text the span refers to
+    (a fast tokenizer's ``offset_mapping``). Overlap is strict: (s, e) overlaps [a, b) iff
+    s < b and e > a, so neighbours that only touch the answer do not count, a token straddling
+    its edge (e.g. ``{1`` in a byte-level BPE) does, and zero-width tokens (specials) never do.
+    """
+    if span is None:
+        return torch.zeros(len(offsets), dtype=torch.bool)
+    a, b = span
+    return torch.tensor([e > s and s < b and e > a for s, e in offsets], dtype=torch.bool)
+
+
+def _empty_score(kind: ScoreKind) -> float:
+    # The worst value of each scale: probabilities bottom out at 0, log-probs at -inf (0 would be
+    # the *best* mean log-prob).
+    return float("-inf") if kind == "mean_logp" else 0.0
+
+
+def comprehension_score(token_logprobs: Tensor, answer_mask: Tensor, kind: ScoreKind = "mean_prob") -> float:
+    """Score from the student's log-probs of a trace's tokens, over the answer tokens.
+
+    Args:
+        token_logprobs: ``[T]`` log p of each response token (at the scoring temperature).
+        answer_mask: ``[T]`` bool, from ``answer_token_mask``.
+        kind: ``mean_prob`` (AMPO default, the reference's ``mean_exp_log_softmax``): mean of
+            exp(log p); ``mean_logp``: mean log p; ``prob``: exp(sum log p), the probability
+            of the whole answer; ``geo_mean_prob``: exp(mean log p).
+
+    Returns:
+        A float, higher is better. No answer token: 0 (for ``mean_logp``: -inf), the lowest
+        score, so a trace with no locatable answer is ranked last.
+    """
+    keep = answer_mask.to(torch.bool)
+    if not bool(keep.any()):
+        return _empty_score(kind)
+    lp = token_logprobs[keep].double()
+    if kind == "mean_prob":
+        return float(lp.exp().mean())
+    if kind == "mean_logp":
+        return float(lp.mean())
+    if kind == "prob":
+        return float(lp.sum().exp())
+    if kind == "geo_mean_prob":
+        return float(lp.mean().exp())
+    raise ValueError(f"unknown comprehension score kind {kind!r}")
+
+
+def trace_likelihood_score(token_logprobs: Tensor, mask: Tensor | None = None) -> float:
+    """Length-normalised log-likelihood: mean log p over the trace's tokens (``[T]``).
+
+    ``mask`` (``[T]`` bool) restricts the tokens; -inf when nothing is left.
+    """
+    lp = token_logprobs if mask is None else token_logprobs[mask.to(torch.bool)]
+    if lp.numel() == 0:
+        return float("-inf")
+    return float(lp.double().mean())
+
+
+def _logits_at(model, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+    """Logits ``[N, K, V]`` at the sequence positions ``positions`` (``[K]``, sorted).
+
+    Uses ``logits_to_keep`` so the LM head only runs where needed (a handful of answer positions
+    instead of thousands x vocabulary); falls back to full logits for models without it.
+    """
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=positions)
+        logits = out.logits
+        if logits.shape[1] == positions.numel():
+            return logits
+    except TypeError:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits
+    return logits[:, positions]
+
+
+@torch.no_grad()
+def score_candidates(
+    model,
+    tokenizer,
+    prompt: str | list[dict],
+    trace_texts: Sequence[str],
+    answer: str,
+    temperature: float = 1.0,
+    device: torch.device | str | None = None,
+    rank: ScoreRank = "comprehension",
+    kind: ScoreKind = "mean_prob",
+    max_response_tokens: int | None = None,
+) -> list[float]:
+    """Score candidate traces for one prompt with the current student in ONE batched forward.
+
+    Args:
+        model: a causal LM (``transformers``-style: ``model(input_ids, attention_mask).logits``),
+            the weights of this step before the update. It is put in eval mode for the pass
+            (no dropout noise in the scores) and restored afterwards.
+        tokenizer: the student's *fast* tokenizer (offset mapping is required).
+        prompt: chat messages (rendered with the chat template and ``add_generation_prompt``) or
+            an already rendered prompt string.
+        trace_texts: the candidates' texts, exactly as they would be injected.
+        answer: the ground-truth answer text that replaces each trace's last boxed content.
+        temperature: the rollout temperature (logits are divided by it).
+        rank: ``comprehension`` (answer-token score of ``kind``) or ``trace_likelihood``
+            (mean log-prob of the unmodified trace).
+        max_response_tokens: truncate each trace's tokens here first (the injection limit), so
+            an answer beyond it is not locatable.
+
+    Returns:
+        One float per trace, in input order (see ``comprehension_score`` /
+        ``trace_likelihood_score`` for the empty cases).
+
+    Prompt and trace are tokenised separately (``add_special_tokens=False``) and concatenated,
+    as the trainer does for rollouts and injected traces. For comprehension each row is cut
+    after its last answer token: a causal model's logits there cannot depend on what follows.
+    """
+    if isinstance(prompt, str):
+        prompt_text = prompt
+    else:
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise ValueError("the prompt tokenises to nothing; the first trace token would have no prediction")
+    empty = _empty_score(kind) if rank == "comprehension" else float("-inf")
+
+    rows: list[tuple[list[int], list[bool]] | None] = []
+    for text in trace_texts:
+        if rank == "comprehension":
+            new_text, span = with_ground_truth(text, answer)
+            if span is None:
+                rows.append(None)
+                continue
+            enc = tokenizer(new_text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])[:max_response_tokens]
+            mask = answer_token_mask(list(enc["offset_mapping"])[: len(ids)], span).tolist()
+            if not any(mask):
+                rows.append(None)
+                continue
+            last = max(j for j, m in enumerate(mask) if m)
+            rows.append((ids[: last + 1], mask[: last + 1]))
+        elif rank == "trace_likelihood":
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_response_tokens]
+            rows.append((ids, [True] * len(ids)) if ids else None)
+        else:
+            raise ValueError(f"unknown rank {rank!r}")
+
+    live = [r for r in rows if r is not None]
+    if not live:
+        return [empty] * len(rows)
+
+    if device is None:
+        device = next(model.parameters()).device
+    p = len(prompt_ids)
+    width = p + max(len(ids) for ids, _ in live)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(live), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(live), width), dtype=torch.long)
+    for r, (ids, _) in enumerate(live):
+        input_ids[r, : p + len(ids)] = torch.tensor(prompt_ids + ids)
+        attention[r, : p + len(ids)] = 1
+    # Response token j sits at p + j and is predicted by the logits at p + j - 1.
+    needed = sorted({p + j - 1 for _, mask in live for j, m in enumerate(mask) if m})
+    positions = torch.tensor(needed, dtype=torch.long)
+    input_ids, attention = input_ids.to(device), attention.to(device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        logits = _logits_at(model, input_ids, attention, positions.to(device))
+    finally:
+        model.train(was_training)
+    targets = input_ids[:, positions.to(device) + 1]
+    lp = token_logprobs(logits, targets, temperature).cpu()  # [N, K]
+    column = {q: c for c, q in enumerate(needed)}
+
+    scores: list[float] = []
+    live_iter = iter(range(len(live)))
+    for row in rows:
+        if row is None:
+            scores.append(empty)
+            continue
+        r = next(live_iter)
+        cols = [column[p + j - 1] for j, m in enumerate(row[1]) if m]
+        row_lp = lp[r, cols]
+        if rank == "comprehension":
+            scores.append(comprehension_score(row_lp, torch.ones_like(row_lp, dtype=torch.bool), kind))
+        else:
+            scores.append(trace_likelihood_score(row_lp))
+    return scores
