@@ -3,8 +3,8 @@
 The correct traces of the whole store are laid out once, sorted by prompt, in an uncompressed
 Arrow IPC file under STORE/index/ (named by a fingerprint of the shard list, so a store that grew
 gets a new one). Every process memory-maps that file: opening is quick, the text is shared through
-the OS page cache instead of copied into each rank, and a lookup is a dictionary hit plus one
-``take``. Building it is guarded by a file lock, so N ranks starting together build it once.
+the OS page cache instead of copied into each rank, and a lookup is a dictionary hit plus zero-copy
+slices. Building it is guarded by a file lock, so N ranks starting together build it once.
 A store directory that is not writable is indexed in memory instead.
 """
 
@@ -107,16 +107,18 @@ class TraceIndex:
 
     def lookup(self, prompt_ids: Iterable[str]) -> dict[str, list[CachedTrace]]:
         prompt_ids = list(prompt_ids)
-        rows: list[int] = []
-        owners: list[str] = []
+        found: dict[str, list[CachedTrace]] = {pid: [] for pid in prompt_ids}
+        # Zero-copy slices, one per prompt: `take` on a multi-chunk table would first concatenate
+        # the chunks, i.e. copy (and page in) the whole text column on every call.
+        slices, owners = [], []
         for pid in prompt_ids:
             start, end = self._ranges.get(pid, (0, 0))
-            rows.extend(range(start, end))
-            owners.extend([pid] * (end - start))
-        found: dict[str, list[CachedTrace]] = {pid: [] for pid in prompt_ids}
-        if not rows:
+            if end > start:
+                slices.append(self.table.slice(start, end - start))
+                owners.extend([pid] * (end - start))
+        if not slices:
             return found
-        picked = self.table.take(pa.array(rows, type=pa.int64()))
+        picked = pa.concat_tables(slices)
         columns = [picked.column(name).to_pylist() for name in INDEX_COLUMNS[1:]]
         for pid, teacher, sample_idx, text, num_tokens, num_chars in zip(owners, *columns):
             found[pid].append(CachedTrace(teacher, sample_idx, text, num_tokens, num_chars))
