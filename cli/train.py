@@ -1,16 +1,52 @@
-"""`ampo-train`: the online AMPO trainer's command line."""
+"""`ampo-train`: the online AMPO trainer's command line (the work is in ampo_train.trainer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
 
 import typer
+
+from cli.common import user_errors
 
 app = typer.Typer(help="Train a student with AMPO (GRPO + guidance on demand from the trace store).",
                   add_completion=False)
 
 
-@app.callback(invoke_without_command=True)
-def main(ctx: typer.Context):
-    """The trainer's commands (`run`, `eval`) are being built; this entry point reserves the name."""
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
+@app.callback()
+def main():
+    """The trainer's commands."""
+
+
+@app.command()
+def run(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Config keys to override, KEY=VALUE with dotted keys: guidance.k=4 lr=1e-5 lora=null"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="train.yaml (see ampo_train/config.py)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue from a checkpoint folder, or the newest checkpoint of a run's output folder."),
+):
+    """Train: rollouts, verifier rewards, guidance from the store, mixed-policy updates; metrics to
+    OUTPUT_DIR/metrics.jsonl, checkpoints to OUTPUT_DIR/checkpoints/, the result to OUTPUT_DIR/final/.
+
+    Multi-process: `accelerate launch --num_processes N -m cli.train run --config train.yaml`
+    (on CPUs add --multi_gpu: accelerate then starts N gloo processes).
+    """
+    from ampo_cache.errors import InputError
+    from ampo_train.checkpoint import find_checkpoint
+    from ampo_train.config import load_train_config
+
+    with user_errors():
+        base = None
+        if config is None:
+            if resume is None:
+                raise InputError("--config", "needed (or --resume DIR, which reuses the run's saved config)")
+            base = json.loads((find_checkpoint(resume) / "trainer_state.json").read_text())["config"]
+        cfg = load_train_config(config, overrides or [], base=base)
+        from ampo_train.trainer import train
+
+        train(cfg, resume=resume)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,319 @@
+"""train.yaml: every setting of `ampo-train run`, documented once, with the reference defaults.
+
+    cfg = load_train_config("train.yaml", ["guidance.k=4", "lr=1e-5", "lora=null"])
+
+Defaults follow the reference AMPO run (AMPO.md) where it sets one, else TRL's GRPOConfig.
+Relative paths in the YAML are resolved against the YAML's folder (a config travels with its
+data); paths given as command-line overrides are resolved against the current directory.
+
+Batch sizes count prompts globally (across processes), like verl's ``train_batch_size``: each step
+samples ``prompts_per_step`` prompts, ``group_size`` responses each; the step's batch is split
+into optimizer updates of ``mini_batch_prompts`` prompts, each accumulated on every process in
+micro-batches of ``micro_batch_size`` sequences.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from ampo_cache.errors import InputError
+from ampo_cache.teachers import resolve_path
+from ampo_cache.yamlconfig import load_yaml_model
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RolloutSettings(_Section):
+    """How the student samples its G responses per prompt."""
+
+    engine: Literal["transformers"] = Field(
+        "transformers", description="Rollout engine. transformers `generate` now; vLLM is planned behind the same interface.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use logits / this same value.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling cut (1 = none).")
+    top_k: int = Field(0, ge=0, description="Top-k cut (0 = none).")
+    max_new_tokens: int = Field(512, gt=0, description="Most tokens generated per response (the EOS included).")
+    batch_size: Optional[int] = Field(
+        None, ge=1, description="Prompts per generate call on one process (each yields G sequences); null = all at once.")
+
+
+class RewardSettings(_Section):
+    """The reward of a response: the shared verifier's verdict, plus optional terms (off by default)."""
+
+    format_coef: float = Field(
+        0.0, ge=0, le=1, description="Reward = (1 - c) x correct + c x format, format = exactly one \\boxed{} "
+        "in the response. The reference uses 0.1 (with its <answer> tag).")
+    repetition_penalty: bool = Field(
+        False, description="Subtract 1 from a non-zero reward when a window of `repetition_window` words occurs "
+        ">= `repetition_count` times (the reference's rule).")
+    repetition_window: int = Field(10, ge=1, description="Words per window for the repetition penalty.")
+    repetition_count: int = Field(10, ge=2, description="Occurrences of one window that trigger the penalty.")
+    correct_threshold: float = Field(
+        0.5, description="A response counts as correct for guidance when its reward exceeds this.")
+    verify_timeout: float = Field(5.0, gt=0, description="Seconds allowed to verify one response (math-verify pool).")
+    verify_workers: int = Field(
+        0, ge=0, description="math-verify worker processes; 0 = in-process (fine for plain-number answers, which "
+        "take a fast path anyway).")
+
+
+class GuidanceSettings(_Section):
+    """Guidance on demand: when cached teacher traces replace failed rollouts (AMPO.md steps 3-4)."""
+
+    mode: Literal["adaptive", "always", "hybrid", "off"] = Field(
+        "adaptive", description="adaptive: prompts whose G rollouts are all wrong; always: every prompt; hybrid: "
+        "all-wrong plus `hybrid_fraction` of the others; off: plain GRPO (same code path).")
+    k: int = Field(2, ge=1, description="Teacher traces injected per guided prompt (effective k = min(k, candidates)).")
+    max_candidates: int = Field(4, ge=1, description="Cached traces considered per prompt: one per teacher first, shortest first.")
+    rank: Literal["comprehension", "trace_likelihood", "random"] = Field(
+        "comprehension", description="How candidates are ordered before the top k are kept.")
+    score: Literal["mean_prob", "mean_logp", "prob", "geo_mean_prob"] = Field(
+        "mean_prob", description="Comprehension score over the ground-truth answer tokens (mean_prob = the "
+        "reference's mean_exp_log_softmax).")
+    score_baseline: bool = Field(
+        False, description="Also score the bare answer after the prompt (no reasoning) and log picked score minus it.")
+    hybrid_fraction: float = Field(0.3, ge=0, le=1, description="hybrid mode: probability of guiding a prompt that was solved.")
+    teacher_reward: float = Field(1.0, description="Reward given to an injected (verified) teacher trace.")
+    max_target_length: Optional[int] = Field(
+        None, gt=0, description="Teacher traces are cut to this many student tokens (EOS included); null = "
+        "rollout.max_new_tokens.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as the boolean false.
+        return "off" if value is False else value
+
+
+class LossSettings(_Section):
+    """The mixed-policy loss (AMPO.md steps 5-6)."""
+
+    aggregation: Literal["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"] = Field(
+        "seq_mean_token_sum_norm", description="seq_mean_token_sum_norm: token sum / (L x sequences), Dr. GRPO's "
+        "constant normaliser (the reference); token_mean: token sum / tokens (verl's default, over all processes); "
+        "seq_mean_token_mean: mean of per-sequence token means (the GRPO paper).")
+    max_response_length: Optional[int] = Field(
+        None, gt=0, description="L in seq_mean_token_sum_norm; null = max(rollout.max_new_tokens, "
+        "guidance.max_target_length), the same whatever the guidance mode.")
+    advantage_scale: Literal["none", "group"] = Field(
+        "none", description="none: A = r - group mean (the reference); group: also divide by the group std.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip: ratio >= 1 - clip_low.")
+    clip_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + clip_high.")
+    dual_clip: Optional[float] = Field(10.0, gt=1, description="Dual-clip constant c for negative advantages; null = off.")
+    shaping_gamma: Optional[float] = Field(
+        0.1, gt=0, description="Teacher tokens' objective f(p) = p / (p + gamma); null = plain p.")
+    entropy_coef: float = Field(0.001, ge=0, description="Entropy bonus (token mean over all tokens, teacher tokens included).")
+    kl_coef: float = Field(
+        0.0, ge=0, description="k3 KL to the reference policy (the student at start; LoRA: adapter disabled). 0 = "
+        "no reference model.")
+
+
+class LoraSettings(_Section):
+    """LoRA through peft; `lora: null` trains all weights."""
+
+    r: int = Field(16, ge=1, description="Rank.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; 0 keeps the PPO ratio exactly 1 in lockstep.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names (list) or peft's 'all-linear' (every linear layer but the LM head).")
+
+
+class TrainConfig(BaseModel):
+    """Everything `ampo-train run` needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # -- what to train, on what
+    student: str = Field(..., description="Student model: local folder or hub id.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer folder or hub id; null = the student's.")
+    prompts: Path = Field(..., description="Training prompts (Parquet, JSONL or CSV): problem + ground-truth answer.")
+    problem_col: str = Field("problem", description="Column holding the problem text.")
+    answer_col: str = Field("answer", description="Column holding the ground-truth answer.")
+    store: Optional[Path] = Field(
+        None, description="Trace store built by ampo-cache; null = none (every prompt that needs guidance is "
+        "counted as having no trace).")
+    system_prompt: Optional[str] = Field(None, description="System turn of the student's chat, when set.")
+    output_dir: Path = Field(Path("runs/ampo"), description="Checkpoints, metrics.jsonl, TensorBoard events and final/.")
+
+    # -- how much
+    max_steps: int = Field(100, ge=1, description="Training steps (each: sample, reward, guide, update).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per step, all processes together (reference: 128).")
+    group_size: int = Field(8, ge=2, description="G: responses per prompt (reference: 8).")
+    mini_batch_prompts: Optional[int] = Field(
+        None, ge=1, description="Prompts per optimizer update, all processes together (reference: 64); null = "
+        "prompts_per_step (one update per step).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward on one process (gradient accumulation).")
+
+    # -- optimizer
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate (reference: 1e-6).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (reference: 0.1).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping by global norm; null = off.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule over all optimizer updates.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up, in optimizer updates (reference: 0).")
+
+    # -- model and hardware
+    lora: Optional[LoraSettings] = Field(None, description="LoRA settings; null = full fine-tuning (the reference).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights' dtype when loaded; keep float32 and use mixed_precision on GPUs.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate's autocast mode.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    cpu: Optional[bool] = Field(None, description="Force CPU; null = CPU when no CUDA device is present.")
+    seed: int = Field(0, description="Seeds model init, prompt order, sampling and guidance draws.")
+
+    # -- the method
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    guidance: GuidanceSettings = Field(default_factory=GuidanceSettings)
+    loss: LossSettings = Field(default_factory=LossSettings)
+
+    # -- output
+    save_steps: int = Field(50, ge=1, description="Checkpoint every this many steps (and always at the end).")
+    keep_checkpoints: Optional[int] = Field(2, ge=1, description="Keep the newest N checkpoints; null = all.")
+    save_merged: bool = Field(False, description="LoRA: also save the merged full model under final/merged/.")
+    log_every: int = Field(1, ge=1, description="Console progress line every N steps (metrics.jsonl gets every step).")
+    tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed.")
+
+    @field_validator("prompts", "store", "output_dir", mode="before")
+    @classmethod
+    def _resolve(cls, value, info: ValidationInfo):
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("student", "tokenizer")
+    @classmethod
+    def _model_location(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            return None
+        local = resolve_path(value, info)
+        if local.is_dir():
+            return str(local.resolve())
+        if value.startswith(("/", ".", "~")) or not _HUB_ID.match(value):
+            raise ValueError(f"no model folder at {local} (and {value!r} is not a hub id like org/name)")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_exist(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"no prompts file at {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.guidance.k > self.group_size:
+            raise ValueError(f"guidance.k ({self.guidance.k}) cannot exceed group_size ({self.group_size})")
+        mini = self.mini_batch_prompts or self.prompts_per_step
+        if self.prompts_per_step % mini:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_prompts ({mini})")
+        if self.store is not None and self.guidance.mode != "off" and not self.store.is_dir():
+            raise ValueError(f"no trace store at {self.store} (build one with `ampo-cache build`, or set store: null)")
+        return self
+
+    # -- derived values the trainer reads
+    @property
+    def minibatch_prompts(self) -> int:
+        return self.mini_batch_prompts or self.prompts_per_step
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.prompts_per_step // self.minibatch_prompts * self.ppo_epochs
+
+    @property
+    def target_length(self) -> int:
+        return self.guidance.max_target_length or self.rollout.max_new_tokens
+
+    @property
+    def loss_length(self) -> int:
+        return self.loss.max_response_length or max(self.rollout.max_new_tokens, self.target_length)
+
+
+# Top-level keys holding paths: a relative path typed on the command line means "from here".
+_PATH_KEYS = {"prompts", "store", "output_dir", "student", "tokenizer"}
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any, str]]:
+    """``["guidance.k=4", "lora=null"]`` -> [(["guidance", "k"], 4, "guidance.k=4"), ...].
+
+    Values are read as YAML scalars/flow collections, so ``1e-5``, ``true``, ``null`` and
+    ``[q_proj,v_proj]`` mean what they mean in the file.
+    """
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise InputError("command line", f"{item!r}: expected KEY=VALUE (e.g. guidance.k=4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML 1.1 reads "1e-5" as a string; pydantic turns numeric strings into numbers.
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in _PATH_KEYS and isinstance(value, str):
+            local = Path(value).expanduser()
+            if parts[0] in ("student", "tokenizer"):
+                value = str(local.resolve()) if local.exists() else value
+            else:
+                value = str(local.resolve())
+        parsed.append((parts, value, item))
+    return parsed
+
+
+def _apply(data: dict, parts: list[str], value: Any, item: str) -> None:
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise InputError("command line", f"{item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None) -> TrainConfig:
+    """The config from a YAML file (or ``base``, a saved config's dict) with KEY=VALUE overrides.
+
+    Errors name their place: ``train.yaml:12: guidance.k: Input should be ...`` for the file,
+    ``command line: 'guidance.k=x': Input should be ...`` for an override.
+    """
+    edits = parse_overrides(overrides)
+    if path is not None and not edits:
+        return load_yaml_model(path, TrainConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(str(path), "no such file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            return load_yaml_model(path, TrainConfig)  # reports the syntax error with its line
+        if not isinstance(data, dict):
+            raise InputError(str(path), "expected a mapping of keys at the top level")
+        context = {"base_dir": path.parent.resolve()}
+    else:
+        data, context = dict(base or {}), {}
+    for parts, value, item in edits:
+        _apply(data, parts, value, item)
+    try:
+        return TrainConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = ".".join(str(p) for p in error["loc"])
+        for parts, _, item in edits:
+            key = ".".join(parts)
+            if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".") and loc:
+                problem = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+                raise InputError("command line", f"{item!r}: {problem}") from None
+        if path is not None:
+            load_yaml_model(path, TrainConfig)  # the file alone is wrong: report it with its line
+        where = f"{path or 'saved config'} with {' '.join(item for _, _, item in edits)}" if edits else str(path or "config")
+        raise InputError(where, f"{loc or '(top level)'}: {error['msg'].removeprefix('Value error, ')}") from None

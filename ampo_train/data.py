@@ -1,0 +1,209 @@
+"""What the trainer feeds the model: prompts rendered with the student's chat template, teacher
+traces tokenised with the student's tokenizer, rows padded into batches, and the prompt order.
+
+A *row* is one response to one prompt, on-policy or injected: ``prompt_ids + response_ids``.
+Batches are laid out like TRL's: prompts left-padded to a common width P, responses
+right-padded to a common width R, so response token j of every row sits at column P + j and is
+predicted by the logits at column P + j - 1. Position ids are counted from each row's first real
+token, so a left-padded prompt sees the same positions as it did during generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ampo_cache.generation import conversation
+from ampo_cache.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class TrainPrompt:
+    """A training prompt with its rendering for this student."""
+
+    prompt: Prompt
+    text: str  # the chat template's rendering, generation prompt included
+    token_ids: tuple[int, ...]
+
+    @property
+    def prompt_id(self) -> str:
+        return self.prompt.prompt_id
+
+    @property
+    def answer(self) -> str:
+        return self.prompt.answer
+
+
+def render_prompt(tokenizer, problem: str, system_prompt: str | None = None) -> str:
+    """The student's chat template applied to (system, user) with the assistant turn opened.
+
+    A tokenizer without a chat template (a base model) gets the bare problem and a newline.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(conversation(problem, system_prompt), add_generation_prompt=True, tokenize=False)
+    return (f"{system_prompt}\n\n" if system_prompt else "") + problem + "\n"
+
+
+def prepare_prompts(prompts: Sequence[Prompt], tokenizer, system_prompt: str | None = None) -> list[TrainPrompt]:
+    """Render and tokenise every prompt once. The template already holds any BOS it wants, so no
+    special tokens are added (the same convention as the cache build and comprehension scoring)."""
+    out = []
+    for p in prompts:
+        text = render_prompt(tokenizer, p.problem, system_prompt)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {p.prompt_id} renders to no tokens")
+        out.append(TrainPrompt(p, text, tuple(ids)))
+    return out
+
+
+def assistant_text(trace_text: str, rendered_prompt: str) -> str:
+    """A cached trace as the assistant's continuation of ``rendered_prompt``.
+
+    Reasoning models' templates may already open the think block (``...<think>\\n``); a trace
+    that starts with the same marker would then repeat it, so it is dropped (as the reference
+    does).
+    """
+    for marker in ("<think>\n", "<think>"):
+        if rendered_prompt.endswith(marker) and trace_text.startswith(marker):
+            return trace_text[len(marker):]
+    return trace_text
+
+
+def teacher_response_ids(tokenizer, text: str, max_length: int) -> list[int]:
+    """A teacher trace as student tokens: the trace's tokens plus one EOS, cut at ``max_length``.
+
+    A trace longer than that loses its tail and its EOS (it is then, honestly, unfinished).
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids[:max_length]
+
+
+@dataclass
+class Row:
+    """One response to one prompt: an on-policy rollout or an injected teacher trace."""
+
+    prompt_ids: Sequence[int]
+    response_ids: list[int]
+    reward: float
+    is_teacher: bool = False
+    teacher: str | None = None  # the teacher's name for injected rows
+    finished: bool = True  # ended with EOS (rollouts cut at max_new_tokens are not)
+    advantage: float = 0.0
+    old_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], sampling-time log-probs
+    ref_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], reference policy (KL)
+
+
+@dataclass
+class RowBatch:
+    """Rows padded into tensors (see the module docstring for the layout)."""
+
+    input_ids: Tensor  # [N, P + R]
+    attention_mask: Tensor  # [N, P + R]
+    position_ids: Tensor  # [N, P + R]
+    response_ids: Tensor  # [N, R]
+    response_mask: Tensor  # [N, R] bool: the tokens that count
+    is_teacher: Tensor  # [N] bool
+    advantages: Tensor  # [N] float32
+    old_logp: Tensor | None  # [N, R] or None when not computed
+    ref_logp: Tensor | None  # [N, R] or None
+    prompt_width: int  # P
+
+    @property
+    def response_width(self) -> int:
+        return self.response_ids.shape[1]
+
+    def to(self, device) -> "RowBatch":
+        moved = {name: (value.to(device) if isinstance(value, Tensor) else value) for name, value in self.__dict__.items()}
+        return RowBatch(**moved)
+
+
+def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
+    """Pad rows to ``[N, P + R]`` (prompts left, responses right)."""
+    n = len(rows)
+    p = max(len(r.prompt_ids) for r in rows)
+    r_width = max(max(len(r.response_ids) for r in rows), 1)
+    input_ids = torch.full((n, p + r_width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, p + r_width), dtype=torch.long)
+    response_ids = torch.full((n, r_width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((n, r_width), dtype=torch.bool)
+    old = torch.zeros((n, r_width)) if all(r.old_logp is not None for r in rows) else None
+    ref = torch.zeros((n, r_width)) if all(r.ref_logp is not None for r in rows) else None
+    for i, row in enumerate(rows):
+        lp, lr = len(row.prompt_ids), len(row.response_ids)
+        input_ids[i, p - lp:p] = torch.as_tensor(list(row.prompt_ids))
+        input_ids[i, p:p + lr] = torch.as_tensor(row.response_ids, dtype=torch.long)
+        attention[i, p - lp:p + lr] = 1
+        response_ids[i, :lr] = torch.as_tensor(row.response_ids, dtype=torch.long)
+        response_mask[i, :lr] = True
+        if old is not None:
+            old[i, :lr] = row.old_logp
+        if ref is not None:
+            ref[i, :lr] = row.ref_logp
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return RowBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=position_ids,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        is_teacher=torch.tensor([r.is_teacher for r in rows], dtype=torch.bool),
+        advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
+        old_logp=old,
+        ref_logp=ref,
+        prompt_width=p,
+    )
+
+
+class PromptSampler:
+    """An endless, reproducible stream of prompt indices: a fresh permutation per epoch.
+
+    The position is two integers (epoch, offset): saved in checkpoints, it lets a resumed run
+    draw exactly the prompts the uninterrupted run would have. Every process holds the same
+    sampler and takes its own slice of each global batch.
+    """
+
+    def __init__(self, num_prompts: int, seed: int, shuffle: bool = True):
+        if num_prompts < 1:
+            raise ValueError("no prompts to sample from")
+        self.num_prompts, self.seed, self.shuffle = num_prompts, seed, shuffle
+        self.epoch, self.offset = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_prompts)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
+
+    def next_batch(self, size: int) -> list[int]:
+        """The next ``size`` indices of the global stream (crossing into the next epoch as needed)."""
+        out: list[int] = []
+        while len(out) < size:
+            if self.offset == self.num_prompts:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(size - len(out), self.num_prompts - self.offset)
+            out.extend(int(i) for i in self._order[self.offset:self.offset + take])
+            self.offset += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "num_prompts": self.num_prompts, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_prompts"] != self.num_prompts:
+            raise ValueError(f"checkpoint was taken with {state['num_prompts']} prompts, this run has {self.num_prompts}")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order = self._permutation(self.epoch)
+
+
+def rank_slice(items: Sequence, rank: int, world: int) -> list:
+    """This process's contiguous share of a global batch (the batch size divides by ``world``)."""
+    share = len(items) // world
+    return list(items[rank * share:(rank + 1) * share])

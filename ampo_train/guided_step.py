@@ -1,0 +1,162 @@
+"""One step's guidance: which prompts, their cached traces, the student's scores, the replacement.
+
+Composes the pure pieces of ``ampo_train.guidance`` with the store lookup and a scorer:
+
+    plan = plan_guidance(prompt_ids, rewards[B, G], lookup, scorer, settings, rng)
+    plan.rewards        # [B, G] the mixed group's rewards (injected slots = teacher_reward)
+    plan.injections     # which slot of which prompt receives which trace
+    plan.report         # counts and scores for the step's metrics
+
+A prompt selected for guidance with no correct cached trace (or absent from the store) stays a
+plain GRPO group and is counted in ``report.no_trace``; it is never an error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from ampo_cache.lookup import CachedTrace
+from ampo_train.comprehension import no_reasoning_trace, score_candidates
+from ampo_train.config import GuidanceSettings
+from ampo_train.guidance import GuidanceConfig, candidate_traces, needs_guidance, rank_candidates, replace_rollouts
+
+Lookup = Callable[[Sequence[str]], Mapping[str, Sequence[CachedTrace]]]
+
+
+class Scorer(Protocol):
+    def __call__(self, prompt_index: int, texts: Sequence[str]) -> tuple[list[float], float | None]:
+        """Scores of ``texts`` (candidate traces of the batch's prompt ``prompt_index``), and the
+        no-reasoning baseline score when it is enabled (else None)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Injection:
+    prompt_index: int  # index of the prompt in this process's batch
+    slot: int  # the rollout (0..G-1) the trace replaces
+    trace: CachedTrace
+    text: str  # the trace as it is injected (and was scored)
+    score: float | None  # None for rank "random"
+
+
+@dataclass
+class GuidanceReport:
+    prompts: int = 0  # prompts in the batch
+    needed: int = 0  # prompts the mode selected for guidance
+    guided: int = 0  # prompts that received traces
+    no_trace: int = 0  # selected, but no correct cached trace
+    injected: int = 0  # traces injected
+    per_teacher: Counter = field(default_factory=Counter)  # injected traces per teacher
+    picked_scores: list[float] = field(default_factory=list)
+    unpicked_scores: list[float] = field(default_factory=list)
+    score_gains: list[float] = field(default_factory=list)  # picked score - no-reasoning score
+
+
+@dataclass
+class GuidancePlan:
+    rewards: Tensor  # [B, G]
+    injections: list[Injection]
+    report: GuidanceReport
+
+
+def guidance_config(settings: GuidanceSettings) -> GuidanceConfig:
+    return GuidanceConfig(mode=settings.mode, k=settings.k, max_candidates=settings.max_candidates,
+                          rank=settings.rank, hybrid_fraction=settings.hybrid_fraction)
+
+
+def plan_guidance(
+    prompt_ids: Sequence[str],
+    rewards: Tensor,
+    lookup: Lookup | None,
+    scorer: Scorer | None,
+    settings: GuidanceSettings,
+    rng: random.Random,
+    correct_threshold: float = 0.5,
+    text_of: Callable[[int, CachedTrace], str] = lambda b, trace: trace.text,
+) -> GuidancePlan:
+    """Decide this step's injections (see the module docstring).
+
+    Args:
+        prompt_ids: the B prompts of this process's batch.
+        rewards: ``[B, G]`` on-policy rewards.
+        lookup: the store's ``TraceIndex.lookup`` (correct traces per prompt); None = no store.
+        scorer: scores candidates; unused (may be None) for ``rank: random``.
+        rng: the trainer's guidance generator (hybrid draws, random ranking, replaced slots).
+        text_of: the text injected for a trace of prompt b (e.g. without a duplicated ``<think>``).
+    """
+    cfg = guidance_config(settings)
+    report = GuidanceReport(prompts=len(prompt_ids))
+    mixed = rewards.clone().to(torch.float32)
+    injections: list[Injection] = []
+    if cfg.mode == "off":
+        return GuidancePlan(mixed, injections, report)
+
+    needed = needs_guidance(rewards, cfg.mode, rng, cfg.hybrid_fraction, correct_threshold).tolist()
+    report.needed = sum(needed)
+    wanted = [prompt_ids[b] for b, need in enumerate(needed) if need]
+    found = lookup(wanted) if (lookup is not None and wanted) else {}
+
+    for b, need in enumerate(needed):
+        if not need:
+            continue
+        candidates = candidate_traces(list(found.get(prompt_ids[b], ())), cfg.max_candidates)
+        if not candidates:
+            report.no_trace += 1
+            continue
+        texts = [text_of(b, c) for c in candidates]
+        scores: list[float] | None = None
+        baseline = None
+        if cfg.rank != "random":
+            if scorer is None:
+                raise ValueError(f"rank {cfg.rank!r} needs a scorer")
+            scores, baseline = scorer(b, texts)
+        picked = rank_candidates(scores, [c.num_chars for c in candidates], cfg.k, cfg.rank, rng)
+        slots, mixed[b] = replace_rollouts(mixed[b], [candidates[i] for i in picked], rng, mode=cfg.mode,
+                                           correct_threshold=correct_threshold, teacher_reward=settings.teacher_reward)
+        for i, slot in zip(picked, slots):
+            score = None if scores is None else scores[i]
+            injections.append(Injection(b, slot, candidates[i], texts[i], score))
+            report.per_teacher[candidates[i].teacher] += 1
+            if score is not None:
+                report.picked_scores.append(score)
+                if baseline is not None:
+                    report.score_gains.append(score - baseline)
+        if scores is not None:
+            report.unpicked_scores.extend(s for i, s in enumerate(scores) if i not in picked)
+        report.guided += 1
+        report.injected += len(picked)
+    return GuidancePlan(mixed, injections, report)
+
+
+class StudentScorer:
+    """Scores candidates with the current student (no grad, this step's weights before the update).
+
+    One batched forward per guided prompt (``comprehension.score_candidates``); with
+    ``baseline`` the bare ``\\boxed{answer}`` rides in the same batch as "score A".
+    """
+
+    def __init__(self, model_fn: Callable[[], torch.nn.Module], tokenizer, prompt_texts: Sequence[str],
+                 answers: Sequence[str], settings: GuidanceSettings, temperature: float, max_target_length: int):
+        self.model_fn, self.tokenizer = model_fn, tokenizer
+        self.prompt_texts, self.answers = prompt_texts, answers
+        self.settings, self.temperature, self.max_target_length = settings, temperature, max_target_length
+
+    def __call__(self, prompt_index: int, texts: Sequence[str]) -> tuple[list[float], float | None]:
+        rank = self.settings.rank
+        answer = self.answers[prompt_index]
+        with_baseline = self.settings.score_baseline and rank == "comprehension"
+        batch = list(texts) + ([no_reasoning_trace(answer)] if with_baseline else [])
+        scores = score_candidates(
+            self.model_fn(), self.tokenizer, self.prompt_texts[prompt_index], batch, answer,
+            temperature=self.temperature, rank=rank, kind=self.settings.score,
+            max_response_tokens=self.max_target_length,
+        )
+        if with_baseline:
+            return scores[:-1], scores[-1]
+        return scores, None

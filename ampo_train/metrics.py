@@ -1,0 +1,160 @@
+"""Per-step metrics: gathered from every process, written by the main one.
+
+Each step writes one JSON object per line to ``OUTPUT_DIR/metrics.jsonl`` (every key present every
+step; ``null`` where a quantity has no sample, e.g. comprehension scores on a step with no guided
+prompt), the same scalars to TensorBoard when it is installed, and a compact line to the console.
+
+Why the loss can read ~0 (and what to watch instead): with one update per step the PPO ratio is
+exactly 1, so the surrogate's *value* is -sum(A x mask) / normaliser, and mean-centred advantages
+make that sum small (zero for groups of equal length) whatever the model does; its gradient is
+not zero. The quantities that move are the reward/accuracy, the guided fraction, clip fractions
+(non-zero from the second mini-batch or PPO epoch on), entropy and the gradient norm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+
+
+class StepStats:
+    """Accumulates one process's numbers for a step; ``merge`` combines processes exactly.
+
+    ``mean``: a sum and a count (the merged value is sum / count over all processes);
+    ``total``: summed; ``maximum``: the largest; ``tally``: a Counter flattened to ``name/key``.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+        self.totals: dict[str, float] = defaultdict(float)
+        self.maxima: dict[str, float] = {}
+        self.tallies: dict[str, Counter] = defaultdict(Counter)
+
+    def mean(self, name: str, total: float, count: float = 1.0) -> None:
+        self.sums[name] += float(total)
+        self.counts[name] += float(count)
+
+    def mean_of(self, name: str, values: Iterable[float]) -> None:
+        values = [float(v) for v in values]
+        self.sums[name] += sum(values)
+        self.counts[name] += len(values)
+
+    def total(self, name: str, value: float) -> None:
+        self.totals[name] += float(value)
+
+    def maximum(self, name: str, value: float) -> None:
+        self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
+
+    def tally(self, name: str, counter: Counter) -> None:
+        self.tallies[name].update(counter)  # zero counts stay as keys: every step logs every teacher
+
+    def to_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "totals": dict(self.totals),
+                "maxima": dict(self.maxima), "tallies": {k: dict(v) for k, v in self.tallies.items()}}
+
+    @classmethod
+    def merge(cls, parts: Iterable[dict]) -> "StepStats":
+        merged = cls()
+        for part in parts:
+            for k, v in part["sums"].items():
+                merged.sums[k] += v
+            for k, v in part["counts"].items():
+                merged.counts[k] += v
+            for k, v in part["totals"].items():
+                merged.totals[k] += v
+            for k, v in part["maxima"].items():
+                merged.maximum(k, v)
+            for k, v in part["tallies"].items():
+                merged.tallies[k].update(v)
+        return merged
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in sorted(set(self.sums) | set(self.counts)):
+            count = self.counts.get(name, 0.0)
+            out[name] = self.sums[name] / count if count else None
+        out.update(self.totals)
+        out.update(self.maxima)
+        for name, counter in self.tallies.items():
+            for key, n in sorted(counter.items()):
+                out[f"{name}/{key}"] = n
+        return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def progress_line(m: dict[str, Any], max_steps: int) -> str:
+    """The console's one line per step: what moves, and where the time goes."""
+    guided = f"{_fmt(m.get('guidance/fraction'), '.2f')} ({int(m.get('guidance/guided', 0))}/{int(m.get('guidance/prompts', 0))}"
+    if m.get("guidance/no_trace"):
+        guided += f", no trace {int(m['guidance/no_trace'])}"
+    guided += ")"
+    return (
+        f"step {m['step']}/{max_steps} | reward {_fmt(m.get('reward/mean'), '.3f')} acc {_fmt(m.get('accuracy'), '.3f')}"
+        f" | guided {guided}"
+        f" | len {_fmt(m.get('response_length/mean'), '.0f')} ent {_fmt(m.get('entropy'), '.2f')}"
+        f" clip {_fmt(m.get('clip/fraction'), '.3f')} gnorm {_fmt(m.get('grad_norm'), '.3f')}"
+        f" | gen {_fmt(m.get('time/generate'), '.2f')}s guide {_fmt(m.get('time/guidance'), '.2f')}s"
+        f" upd {_fmt(m.get('time/update'), '.2f')}s | {_fmt(m.get('tokens_per_second'), '.0f')} tok/s"
+    )
+
+
+class MetricsLogger:
+    """metrics.jsonl + TensorBoard (when importable) + console. Create it on the main process only."""
+
+    def __init__(self, output_dir: Path, max_steps: int, log_every: int = 1, tensorboard: bool = True,
+                 console: Console | None = None):
+        self.path = output_dir / "metrics.jsonl"
+        self.max_steps, self.log_every = max_steps, log_every
+        self.console = console or Console(highlight=False)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines of steps after the checkpoint (the interrupted run's tail), so the
+        file holds each step once."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps(metrics, sort_keys=True) + "\n")
+        self._file.flush()
+        step = metrics["step"]
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(key, value, step)
+        if step % self.log_every == 0 or step == self.max_steps:
+            self.console.print(progress_line(metrics, self.max_steps), soft_wrap=True)
+
+    def message(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

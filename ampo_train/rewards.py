@@ -1,0 +1,61 @@
+"""Rewards of on-policy responses: the shared verifier's verdict, plus the reference's optional terms.
+
+    reward = (1 - format_coef) x correct + format_coef x format          (format_coef = 0: 0/1)
+    reward -= 1   if repetition_penalty and reward != 0 and some window of words repeats too often
+
+``correct`` comes from ``ampo_cache.verify`` (the same judge as the cache build), so a response
+and a cached trace with the same final answer are judged alike. Accuracy is logged from the
+verifier's verdicts, not from the reward, so it means the same with or without the extra terms.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ampo_cache.verify import Verifier
+from ampo_train.config import RewardSettings
+
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def format_ok(text: str) -> bool:
+    """The answer format: exactly one ``\\boxed{...}`` (our traces' convention; the reference checks
+    for exactly one ``<answer>...</answer>``)."""
+    return len(_BOX_OPEN.findall(text)) == 1
+
+
+def has_repetition(text: str, window: int = 10, count: int = 10) -> bool:
+    """True when some run of ``window`` consecutive words occurs at least ``count`` times."""
+    words = text.split()
+    if len(words) < window + count - 1:
+        return False
+    seen = Counter(tuple(words[i:i + window]) for i in range(len(words) - window + 1))
+    return max(seen.values()) >= count
+
+
+@dataclass
+class Rewards:
+    rewards: Tensor  # [N] float32
+    correct: Tensor  # [N] bool, the verifier's verdict
+    statuses: list[str]  # the verifier's status per response
+
+
+def score_responses(verifier: Verifier, texts: Sequence[str], answers: Sequence[str], settings: RewardSettings) -> Rewards:
+    """Verify each response against its prompt's ground truth and turn the verdicts into rewards."""
+    verdicts = verifier.verify(list(texts), list(answers))
+    correct = torch.tensor([v.correct for v in verdicts], dtype=torch.bool)
+    rewards = correct.to(torch.float32)
+    if settings.format_coef:
+        fmt = torch.tensor([format_ok(t) for t in texts], dtype=torch.float32)
+        rewards = (1 - settings.format_coef) * rewards + settings.format_coef * fmt
+    if settings.repetition_penalty:
+        repeated = torch.tensor(
+            [has_repetition(t, settings.repetition_window, settings.repetition_count) for t in texts], dtype=torch.bool)
+        rewards = torch.where(repeated & (rewards != 0), rewards - 1.0, rewards)
+    return Rewards(rewards, correct, [v.status for v in verdicts])

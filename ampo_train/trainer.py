@@ -1,0 +1,534 @@
+"""The online AMPO trainer. ``train(cfg)`` reads top to bottom as one step does:
+
+    1. sample    this process's share of the step's prompts, G rollouts each
+    2. reward    the shared verifier (1 correct / 0 wrong, optional format and repetition terms)
+    3. guide     prompts the mode selects (adaptive: all G wrong) get their cached teacher traces,
+                 ranked by the student's comprehension; the top k replace k wrong rollouts (reward 1)
+    4. advantage A = r - mean(r) over each mixed group (std-normalisation optional)
+    5. old log-probs under no_grad (and the reference's, for KL) when the step makes more than one
+                 update; with one update they equal the current ones detached (ratio exactly 1)
+    6. update    per mini-batch: micro-batches (gradient accumulation), mixed loss (PPO clip with
+                 dual clip on rollout tokens, f(p) = p/(p+gamma) on teacher tokens), clip, step
+    7. log, checkpoint
+
+``guidance.mode: off`` is plain GRPO through exactly this code: step 3 then changes nothing.
+Multi-process (``accelerate launch``): every process trains on its own slice of the prompts, DDP
+averages the gradients, and the main process alone writes metrics and checkpoints.
+
+Why the printed loss can be ~0 while the model learns: see ``ampo_train.metrics``; watch reward,
+accuracy, the guided fraction, clip fractions and the gradient norm instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch import Tensor
+
+from ampo_cache.errors import InputError
+from ampo_cache.prompts import load_prompts
+from ampo_cache.store import TraceStore
+from ampo_cache.verify import Verifier
+from ampo_train.advantages import group_advantages
+from ampo_train.checkpoint import (LoadedCheckpoint, atomic_dir, find_checkpoint, load_checkpoint, restore_rng,
+                                   rng_state, save_checkpoint)
+from ampo_train.config import TrainConfig
+from ampo_train.data import (PromptSampler, Row, RowBatch, TrainPrompt, assistant_text, collate, prepare_prompts,
+                             rank_slice, teacher_response_ids)
+from ampo_train.guided_step import GuidancePlan, StudentScorer, plan_guidance
+from ampo_train.loss import aggregate, kl_k3, mixed_token_loss, token_entropy, token_logprobs
+from ampo_train.metrics import MetricsLogger, StepStats
+from ampo_train.rewards import score_responses
+from ampo_train.rollout import Rollout, TransformersRollout
+
+# Test hook: when set, every process writes DIR/rank{N}.json (its prompts per step and a hash of
+# its final trainable parameters), so a multi-process test can check the ranks' data and weights.
+DEBUG_DIR_ENV = "AMPO_TRAIN_DEBUG_DIR"
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained model, unwrapped (a PeftModel with LoRA)
+    tokenizer: object
+    output_dir: Path
+    final_dir: Path | None  # None when the run stopped early (``until_step``)
+    step: int  # the last step completed
+    history: list[dict] = field(default_factory=list)  # the metrics logged by this call
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise InputError(cfg.tokenizer or cfg.student, "the tokenizer has no EOS token")
+    return tokenizer
+
+
+def load_policy(cfg: TrainConfig, checkpoint: LoadedCheckpoint | None) -> torch.nn.Module:
+    """The student to train: fresh from ``cfg.student`` or from a checkpoint; LoRA-wrapped when set."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, cfg.dtype)
+    full_from_checkpoint = checkpoint is not None and cfg.lora is None
+    source = str(checkpoint.model_dir) if full_from_checkpoint else cfg.student
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if cfg.lora is not None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if checkpoint is not None:
+            model = PeftModel.from_pretrained(model, str(checkpoint.model_dir), is_trainable=True)
+        else:
+            lora = cfg.lora
+            model = get_peft_model(model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forwards; generate turns the cache on itself
+    model.train()
+    return model
+
+
+def open_trace_index(cfg: TrainConfig, prompts: Sequence[TrainPrompt]):
+    """The store's correct traces for the training prompts (None when guidance is off or no store)."""
+    if cfg.guidance.mode == "off" or cfg.store is None:
+        return None
+    if not TraceStore.exists(cfg.store):
+        raise InputError(str(cfg.store), "not a trace store (build one with `ampo-cache build`)")
+    return TraceStore.open(cfg.store).index(prompt_ids=[p.prompt_id for p in prompts])
+
+
+def _lr_scheduler(cfg: TrainConfig, optimizer):
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.warmup_steps else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=cfg.max_steps * cfg.updates_per_step)
+
+
+def _check_world(cfg: TrainConfig, world: int) -> None:
+    for name, value in (("prompts_per_step", cfg.prompts_per_step), ("mini_batch_prompts", cfg.minibatch_prompts)):
+        if value % world:
+            raise InputError("config", f"{name} ({value}) must be a multiple of the number of processes ({world})")
+
+
+class PhaseTimer:
+    """Wall time per phase of a step: ``with timer("generate"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- the step's pieces
+
+
+def build_rows(batch: Sequence[TrainPrompt], groups: Sequence[Sequence[Rollout]], plan: GuidancePlan,
+               tokenizer, target_length: int) -> list[Row]:
+    """The mixed batch: G rows per prompt, injected teacher traces in the slots the plan chose."""
+    injected = {(inj.prompt_index, inj.slot): inj for inj in plan.injections}
+    rows: list[Row] = []
+    for b, (prompt, group) in enumerate(zip(batch, groups)):
+        for g, rollout in enumerate(group):
+            reward = float(plan.rewards[b, g])
+            injection = injected.get((b, g))
+            if injection is None:
+                rows.append(Row(prompt.token_ids, list(rollout.token_ids), reward,
+                                finished=rollout.finish_reason == "stop"))
+            else:
+                ids = teacher_response_ids(tokenizer, injection.text, target_length)
+                rows.append(Row(prompt.token_ids, ids, reward, is_teacher=True, teacher=injection.trace.teacher,
+                                finished=bool(ids) and ids[-1] == tokenizer.eos_token_id))
+    return rows
+
+
+def response_logits(model, mb: RowBatch) -> Tensor:
+    """Logits ``[N, R, V]`` at the positions that predict the response tokens.
+
+    Only the last R + 1 positions go through the LM head (``logits_to_keep``): the prompt's
+    logits are never needed.
+    """
+    r = mb.response_width
+    kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False)
+    try:
+        logits = model(**kwargs, logits_to_keep=r + 1).logits
+    except TypeError:  # a model without logits_to_keep
+        logits = model(**kwargs).logits
+    return logits[:, -(r + 1):-1, :]
+
+
+def micro_batches(rows: Sequence[Row], size: int) -> list[list[Row]]:
+    return [list(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+@torch.no_grad()
+def fill_old_logprobs(model, rows: Sequence[Row], cfg: TrainConfig, pad_id: int, device,
+                      reference: Callable[[], contextlib.AbstractContextManager] | None,
+                      ref_model=None) -> None:
+    """Sampling-time log-probs (``row.old_logp``) and, for KL, the reference's (``row.ref_logp``).
+
+    Computed once per step before the first update, so every mini-batch and PPO epoch measures its
+    ratio against the policy that sampled. ``reference`` is a context manager factory that turns
+    ``model`` into the reference (LoRA: adapter disabled); ``ref_model`` a separate frozen model.
+    """
+    temperature = cfg.rollout.temperature
+    need_old = cfg.updates_per_step > 1
+    for chunk in micro_batches(rows, cfg.micro_batch_size):
+        mb = collate(chunk, pad_id).to(device)
+        if need_old:
+            lp = token_logprobs(response_logits(model, mb), mb.response_ids, temperature).cpu()
+            for row, values in zip(chunk, lp):
+                row.old_logp = values[:len(row.response_ids)].clone()
+        if cfg.loss.kl_coef:
+            if ref_model is not None:
+                logits = response_logits(ref_model, mb)
+            else:
+                with reference():
+                    logits = response_logits(model, mb)
+            lp = token_logprobs(logits, mb.response_ids, temperature).cpu()
+            for row, values in zip(chunk, lp):
+                row.ref_logp = values[:len(row.response_ids)].clone()
+
+
+def minibatch_backward(model, mini: Sequence[Row], cfg: TrainConfig, pad_id: int, device, stats: StepStats,
+                       backward: Callable[[Tensor], None],
+                       no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                       num_tokens: float | None = None) -> None:
+    """Accumulate one mini-batch's gradient over micro-batches of ``cfg.micro_batch_size`` rows.
+
+    Each micro-batch's loss is normalised by the mini-batch's totals, so the accumulated gradient
+    equals that of the whole mini-batch in one piece, for every aggregation mode. Gradients are
+    all-reduced across processes once, on the last micro-batch (``no_sync`` on the others).
+    ``num_tokens``: the token_mean normaliser; None = this process's mini-batch tokens.
+    """
+    local_tokens = sum(len(r.response_ids) for r in mini)
+    chunks = micro_batches(mini, cfg.micro_batch_size)
+    for i, chunk in enumerate(chunks):
+        with contextlib.nullcontext() if i == len(chunks) - 1 else no_sync():
+            mb = collate(chunk, pad_id).to(device)
+            loss = micro_loss(model, mb, cfg, len(mini), num_tokens if num_tokens is not None else local_tokens,
+                              local_tokens, stats)
+            backward(loss)
+
+
+def micro_loss(model, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_tokens: float,
+               local_tokens: int, stats: StepStats) -> Tensor:
+    """The loss of one micro-batch, normalised so that a mini-batch's micro-batches add up to its loss.
+
+    ``num_sequences``: sequences in this process's mini-batch; ``num_tokens``: the token_mean
+    normaliser (all processes' tokens / processes, so DDP's gradient average is the global token
+    mean); ``local_tokens``: this process's mini-batch tokens (entropy and KL token means).
+    """
+    lc = cfg.loss
+    temperature = cfg.rollout.temperature
+    logits = response_logits(model, mb)
+    logp = token_logprobs(logits, mb.response_ids, temperature)
+    # Lockstep (one update per step): the sampling policy is the current one, detached.
+    old = mb.old_logp if mb.old_logp is not None else logp.detach()
+    token = mixed_token_loss(logp, old, mb.advantages, mb.is_teacher, lc.clip_low, lc.clip_high, lc.dual_clip,
+                             lc.shaping_gamma)
+    mask = mb.response_mask
+    policy = aggregate(token.loss, mask, lc.aggregation, max_response_length=cfg.loss_length,
+                       num_sequences=num_sequences, num_tokens=num_tokens)
+    loss = policy
+    with torch.no_grad() if not lc.entropy_coef else contextlib.nullcontext():
+        entropy = torch.where(mask, token_entropy(logits, temperature), 0.0).sum() / max(local_tokens, 1)
+    if lc.entropy_coef:
+        loss = loss - lc.entropy_coef * entropy
+    if lc.kl_coef:
+        kl = torch.where(mask, kl_k3(logp, mb.ref_logp), 0.0).sum() / max(local_tokens, 1)
+        loss = loss + lc.kl_coef * kl
+        stats.mean("kl", float(kl.detach()) * local_tokens, int(mask.sum()))
+
+    with torch.no_grad():
+        on_policy = mask & ~mb.is_teacher.unsqueeze(-1)
+        adv = mb.advantages.unsqueeze(-1).expand_as(mask)
+        n_on = int(on_policy.sum())
+        stats.mean("clip/fraction", int((token.clipped & on_policy).sum()), n_on)
+        stats.mean("clip/high", int((token.clipped & on_policy & (adv > 0)).sum()), n_on)
+        stats.mean("clip/low", int((token.clipped & on_policy & (adv < 0)).sum()), n_on)
+        stats.mean("clip/dual", int((token.dual_clipped & on_policy).sum()), n_on)
+        stats.mean("entropy", float(entropy) * local_tokens, int(mask.sum()))
+        stats.mean("loss/policy", float(policy.detach()), 0.0)  # counted once per update, in the loop
+        teacher_tokens = mask & mb.is_teacher.unsqueeze(-1)
+        if bool(teacher_tokens.any()):
+            stats.mean("teacher_token_prob", float(logp.detach().exp()[teacher_tokens].sum()), int(teacher_tokens.sum()))
+    return loss
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | None = None) -> TrainResult:
+    """Run (or continue) training as configured. ``until_step`` stops after that step as an
+    interruption would (no final save): for time-boxed runs and the resume test."""
+    accelerator = Accelerator(cpu=cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available(),
+                              mixed_precision=cfg.mixed_precision)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    _check_world(cfg, world)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    checkpoint = load_checkpoint(find_checkpoint(resume)) if resume is not None else None
+
+    # Same seed everywhere for the model's initialisation (LoRA's A matrices), then one stream per
+    # process for sampling and guidance draws.
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    model = load_policy(cfg, checkpoint)
+    train_prompts = prepare_prompts(load_prompts(cfg.prompts, cfg.problem_col, cfg.answer_col), tokenizer,
+                                    cfg.system_prompt)
+    index = open_trace_index(cfg, train_prompts)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    # The scheduler stays unprepared: it counts real optimizer updates, whatever the process count.
+    scheduler = _lr_scheduler(cfg, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    policy = accelerator.unwrap_model(model)  # generation, scoring and no-grad passes skip DDP
+    ref_model, reference = None, None
+    if cfg.loss.kl_coef:
+        if cfg.lora is not None:
+            reference = policy.disable_adapter  # the base weights are the reference
+        else:
+            from transformers import AutoModelForCausalLM
+
+            ref_model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype))
+            ref_model.to(accelerator.device).eval().requires_grad_(False)
+
+    sampler = PromptSampler(len(train_prompts), cfg.seed)
+    guidance_rng = random.Random(1_000_003 * cfg.seed + rank)
+    set_seed(cfg.seed + rank)
+    start_step = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        sampler.load_state_dict(checkpoint.state["data"])
+        if len(checkpoint.rng_states) == world:
+            restore_rng(checkpoint.rng_states[rank], guidance_rng)
+        elif main:
+            print(f"note: checkpoint has RNG states for {len(checkpoint.rng_states)} processes, this run has "
+                  f"{world}: sampling continues from fresh seeds")
+        start_step = checkpoint.step
+
+    engine = TransformersRollout(lambda: policy, tokenizer, cfg.rollout)
+    verifier = Verifier(timeout=cfg.reward.verify_timeout, workers=cfg.reward.verify_workers)
+    pad_id = tokenizer.pad_token_id
+    G = cfg.group_size
+    teachers = sorted(set(index.table.column("teacher").to_pylist())) if index is not None else []
+    logger = None
+    if main:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        logger = MetricsLogger(cfg.output_dir, cfg.max_steps, cfg.log_every, cfg.tensorboard)
+        if checkpoint is not None:
+            logger.truncate_after(start_step)
+        _announce(logger, cfg, policy, world, train_prompts, index, teachers, checkpoint)
+    debug_dir = os.environ.get(DEBUG_DIR_ENV)
+    debug = {"rank": rank, "prompt_ids": []}
+
+    history: list[dict] = []
+    last_step = min(cfg.max_steps, until_step) if until_step is not None else cfg.max_steps
+    step = start_step
+    for step in range(start_step + 1, last_step + 1):
+        timer, stats = PhaseTimer(), StepStats()
+        step_start = time.perf_counter()
+
+        # 1. sample: this process's slice of the step's prompts, G rollouts each
+        batch = [train_prompts[i] for i in rank_slice(sampler.next_batch(cfg.prompts_per_step), rank, world)]
+        debug["prompt_ids"].append([p.prompt_id for p in batch])
+        with timer("generate"):
+            groups = engine.generate([p.token_ids for p in batch], G)
+
+        # 2. reward: the verifier on the decoded responses (accuracy is logged before any injection)
+        with timer("reward"):
+            texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for group in groups for r in group]
+            scored = score_responses(verifier, texts, [p.answer for p in batch for _ in range(G)], cfg.reward)
+            rewards = scored.rewards.view(len(batch), G)
+
+        # 3. guide: cached teacher traces replace wrong rollouts of the prompts the mode selects
+        with timer("guidance"):
+            scorer = StudentScorer(lambda: policy, tokenizer, [p.text for p in batch], [p.answer for p in batch],
+                                   cfg.guidance, cfg.rollout.temperature, cfg.target_length)
+            plan = plan_guidance([p.prompt_id for p in batch], rewards, index.lookup if index is not None else None,
+                                 scorer, cfg.guidance, guidance_rng, cfg.reward.correct_threshold,
+                                 text_of=lambda b, trace: assistant_text(trace.text, batch[b].text))
+        rows = build_rows(batch, groups, plan, tokenizer, cfg.target_length)
+
+        # 4. advantages over each mixed group
+        advantages = group_advantages(plan.rewards, scale=cfg.loss.advantage_scale).flatten().tolist()
+        for row, advantage in zip(rows, advantages):
+            row.advantage = advantage
+
+        with timer("update"):
+            # 5. old (and reference) log-probs, before the first update
+            if cfg.updates_per_step > 1 or cfg.loss.kl_coef:
+                fill_old_logprobs(policy, rows, cfg, pad_id, accelerator.device, reference, ref_model)
+
+            # 6. updates: mini-batches of prompts, accumulated over micro-batches
+            local_prompts = cfg.minibatch_prompts // world
+            for _ in range(cfg.ppo_epochs):
+                for first in range(0, len(batch), local_prompts):
+                    mini = rows[first * G:(first + local_prompts) * G]
+                    num_tokens = None
+                    if cfg.loss.aggregation == "token_mean" and world > 1:
+                        local = torch.tensor([sum(len(r.response_ids) for r in mini)], device=accelerator.device)
+                        num_tokens = float(accelerator.reduce(local, "sum").item()) / world
+                    minibatch_backward(model, mini, cfg, pad_id, accelerator.device, stats, accelerator.backward,
+                                       lambda: accelerator.no_sync(model), num_tokens)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                    stats.mean("grad_norm", float(grad_norm))
+                    stats.mean("loss/policy", 0.0, 1.0)
+                    stats.mean("lr", scheduler.get_last_lr()[0])
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    engine.after_update()
+
+        # 7. metrics, gathered from every process
+        _step_stats(stats, batch, groups, scored, rewards, plan, rows, teachers)
+        for phase, seconds in timer.seconds.items():
+            stats.maximum(f"time/{phase}", seconds)
+        stats.maximum("time/step", time.perf_counter() - step_start)
+        merged = StepStats.merge(gather_object([stats.to_dict()]))
+        metrics = _finish_metrics(merged.summary(), step, sampler)
+        history.append(metrics)
+        if logger is not None:
+            logger.log(metrics)
+
+        if step % cfg.save_steps == 0 or step == cfg.max_steps:
+            _save(accelerator, cfg, step, policy, optimizer, scheduler, sampler, guidance_rng)
+
+    final_dir = None
+    if step == cfg.max_steps and (until_step is None or until_step >= cfg.max_steps):
+        final_dir = cfg.output_dir / "final"
+        if main:
+            save_final(policy, tokenizer, final_dir, cfg.save_merged)
+            logger.message(f"saved {'adapter' if cfg.lora else 'model'} and tokenizer to {final_dir}")
+        accelerator.wait_for_everyone()
+    if debug_dir:
+        debug["param_sha256"] = parameter_digest(policy)
+        Path(debug_dir).mkdir(parents=True, exist_ok=True)
+        (Path(debug_dir) / f"rank{rank}.json").write_text(json.dumps(debug))
+    verifier.close()
+    if logger is not None:
+        logger.close()
+    return TrainResult(policy, tokenizer, cfg.output_dir, final_dir, step, history)
+
+
+# ----------------------------------------------------------------------------- logging and saving
+
+
+def _announce(logger: MetricsLogger, cfg: TrainConfig, policy, world: int, prompts, index, teachers, checkpoint) -> None:
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in policy.parameters())
+    what = f"LoRA r={cfg.lora.r}" if cfg.lora else "full fine-tuning"
+    logger.message(f"student {cfg.student} ({what}: {trainable:,} of {total:,} parameters trained), "
+                   f"{world} process{'es' if world > 1 else ''}, guidance {cfg.guidance.mode}")
+    if index is not None:
+        logger.message(f"store {cfg.store}: {len(index)} of {len(prompts)} training prompts have correct traces "
+                       f"(teachers: {', '.join(teachers) or 'none'})")
+    if checkpoint is not None:
+        logger.message(f"resumed from {checkpoint.path} at step {checkpoint.step}")
+
+
+def _step_stats(stats: StepStats, batch, groups, scored, rewards: Tensor, plan: GuidancePlan, rows: Sequence[Row],
+                teachers: Sequence[str]) -> None:
+    """This process's share of the step's metrics (counts and sums; merged across processes later)."""
+    n = rewards.numel()
+    stats.mean("reward/mean", float(rewards.sum()), n)  # on-policy, before injection
+    stats.mean("reward/mixed", float(plan.rewards.sum()), n)  # the groups the loss saw
+    stats.mean("accuracy", int(scored.correct.sum()), n)
+    correct = scored.correct.view(rewards.shape)
+    stats.mean("groups/all_wrong", int((~correct.any(dim=1)).sum()), len(batch))
+    stats.mean("groups/all_correct", int(correct.all(dim=1).sum()), len(batch))
+    report = plan.report
+    stats.total("guidance/prompts", report.prompts)
+    stats.total("guidance/needed", report.needed)
+    stats.total("guidance/guided", report.guided)
+    stats.total("guidance/no_trace", report.no_trace)
+    stats.total("guidance/injected", report.injected)
+    stats.tally("guidance/teacher", {name: 0 for name in teachers})
+    stats.tally("guidance/teacher", report.per_teacher)
+    stats.mean_of("comprehension/picked", report.picked_scores)
+    stats.mean_of("comprehension/unpicked", report.unpicked_scores)
+    stats.mean_of("comprehension/gain", report.score_gains)
+    lengths = [len(r.token_ids) for group in groups for r in group]
+    stats.mean_of("response_length/mean", lengths)
+    stats.maximum("response_length/max", max(lengths))
+    stats.mean("response_length/truncated", sum(r.finish_reason == "length" for g in groups for r in g), len(lengths))
+    stats.mean_of("teacher_length/mean", [len(r.response_ids) for r in rows if r.is_teacher])
+    stats.total("tokens/generated", sum(lengths))
+    stats.total("tokens/trained", sum(len(r.prompt_ids) + len(r.response_ids) for r in rows))
+
+
+def _finish_metrics(summary: dict, step: int, sampler: PromptSampler) -> dict:
+    prompts = summary.get("guidance/prompts") or 0
+    summary["guidance/fraction"] = summary.get("guidance/guided", 0) / prompts if prompts else 0.0
+    step_time = summary.get("time/step") or 0.0
+    summary["tokens_per_second"] = summary.get("tokens/trained", 0) / step_time if step_time else None
+    gen_time = summary.get("time/generate") or 0.0
+    summary["generate_tokens_per_second"] = summary.get("tokens/generated", 0) / gen_time if gen_time else None
+    summary["step"] = step
+    summary["epoch"] = sampler.epoch + sampler.offset / sampler.num_prompts
+    for key in ("kl", "teacher_token_prob"):
+        summary.setdefault(key, None)
+    return summary
+
+
+def _save(accelerator: Accelerator, cfg: TrainConfig, step: int, policy, optimizer, scheduler,
+          sampler: PromptSampler, guidance_rng: random.Random) -> None:
+    """Checkpoint: every process's RNG state is gathered; the main process writes."""
+    rng_states = gather_object([rng_state(guidance_rng)])
+    if accelerator.is_main_process:
+        state = {"data": sampler.state_dict(), "world_size": accelerator.num_processes,
+                 "max_steps": cfg.max_steps, "config": json.loads(cfg.model_dump_json())}
+        save_checkpoint(cfg.output_dir / "checkpoints", step, policy, optimizer, scheduler, rng_states, state,
+                        keep=cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def save_final(policy, tokenizer, final_dir: Path, merged: bool = False) -> None:
+    """The trained adapter (``PeftModel.from_pretrained(base, final_dir)``) or full model
+    (``AutoModelForCausalLM.from_pretrained(final_dir)``), with the tokenizer beside it; atomically."""
+    with atomic_dir(final_dir) as tmp:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if merged and hasattr(policy, "merge_and_unload"):
+            full = copy.deepcopy(policy).merge_and_unload()
+            full.save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
+
+
+def parameter_digest(model) -> str:
+    """SHA-256 of the trainable parameters' bytes, in order (identical weights <=> identical digest)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

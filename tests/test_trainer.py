@@ -1,0 +1,303 @@
+"""The trainer: config, the guidance step, the mixed batch, and short real runs on a tiny world."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ampo_cache.errors import InputError
+from ampo_cache.lookup import CachedTrace
+from ampo_train.config import GuidanceSettings, load_train_config
+from ampo_train.data import PromptSampler, Row, collate, prepare_prompts, teacher_response_ids
+from ampo_train.guided_step import plan_guidance
+from ampo_train.rewards import format_ok, has_repetition, score_responses
+from ampo_train.rollout import Rollout
+from ampo_train.trainer import build_rows, response_logits, train
+from tests.trainer_fixtures import base_config, make_tokenizer, make_world, write_config
+
+METRIC_KEYS = {
+    "step", "reward/mean", "reward/mixed", "accuracy", "guidance/fraction", "guidance/guided", "guidance/needed",
+    "guidance/no_trace", "guidance/injected", "comprehension/picked", "comprehension/unpicked",
+    "response_length/mean", "entropy", "clip/fraction", "clip/low", "clip/high", "clip/dual", "grad_norm",
+    "time/generate", "time/guidance", "time/update", "tokens_per_second", "loss/policy", "lr",
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("trainer-world"), num_prompts=12, covered=0.75)
+
+
+def _config(world, tmp_path, name="train.yaml", **overrides):
+    return load_train_config(write_config(tmp_path / name, base_config(world, tmp_path / "out", **overrides)))
+
+
+def _trace(teacher, text, idx=0):
+    return CachedTrace(teacher, idx, text, None, len(text))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_overrides_defaults_and_located_errors(world, tmp_path):
+    path = write_config(tmp_path / "train.yaml", base_config(world, tmp_path / "out"))
+    cfg = load_train_config(path, ["guidance.k=3", "lr=1e-5", "lora.r=4", "loss.dual_clip=null", "output_dir=rel"])
+    assert cfg.guidance.k == 3 and cfg.lr == 1e-5 and cfg.lora.r == 4 and cfg.lora.alpha == 32
+    assert cfg.loss.dual_clip is None
+    assert cfg.output_dir == (tmp_path.cwd() / "rel").resolve()  # command-line paths are relative to here
+    # the reference defaults
+    assert (cfg.loss.aggregation, cfg.loss.advantage_scale, cfg.loss.entropy_coef, cfg.loss.kl_coef) == (
+        "seq_mean_token_sum_norm", "none", 0.001, 0.0)
+    assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.shaping_gamma, cfg.weight_decay) == (0.2, 0.2, 0.1, 0.1)
+    assert cfg.guidance.max_candidates == 4 and cfg.loss_length == 64  # max(max_new_tokens 12, target 64)
+
+    with pytest.raises(InputError, match=r"command line: 'guidance\.k=lots': Input should be a valid integer"):
+        load_train_config(path, ["guidance.k=lots"])
+    with pytest.raises(InputError, match=r"command line: 'guidance\.kk=2': unknown key"):
+        load_train_config(path, ["guidance.kk=2"])
+    with pytest.raises(InputError, match="cannot exceed group_size"):
+        load_train_config(path, ["guidance.k=9"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("  k: 2\n", "  k: 2\n  rnak: random\n"))
+    line = bad.read_text().splitlines().index("  rnak: random") + 1
+    with pytest.raises(InputError, match=rf"bad\.yaml:{line}: guidance\.rnak: unknown key"):
+        load_train_config(bad)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def test_reward_terms():
+    assert format_ok(r"so \boxed{4}") and not format_ok(r"\boxed{4} or \boxed{5}") and not format_ok("4")
+    assert has_repetition("a b " * 20, window=2, count=10) and not has_repetition("a b c d", window=2, count=2)
+    from ampo_cache.verify import Verifier
+    from ampo_train.config import RewardSettings
+
+    texts = [r"\boxed{4}", r"\boxed{5}", "4", r"\boxed{4} \boxed{4}"]
+    plain = score_responses(Verifier(workers=0), texts, ["4"] * 4, RewardSettings())
+    assert plain.rewards.tolist() == [1.0, 0.0, 1.0, 1.0] and plain.correct.tolist() == [True, False, True, True]
+    mixed = score_responses(Verifier(workers=0), texts, ["4"] * 4, RewardSettings(format_coef=0.1))
+    torch.testing.assert_close(mixed.rewards, torch.tensor([1.0, 0.1, 0.9, 0.9]))
+    rep = score_responses(Verifier(workers=0), ["x y " * 12 + r"\boxed{4}"], ["4"],
+                          RewardSettings(repetition_penalty=True, repetition_window=2, repetition_count=10))
+    assert rep.rewards.tolist() == [0.0]  # 1 - 1
+
+
+# ----------------------------------------------------------------------------- the guidance step
+
+
+def test_plan_guidance_picks_top_k_and_replaces_only_wrong_rollouts():
+    store = {
+        "p0": [_trace("alpha", "a" * 30), _trace("beta", "b" * 20), _trace("beta", "bb" * 5, 1), _trace("gamma", "c" * 40)],
+        "p2": [_trace("alpha", "short")],
+        # p3 is absent from the store
+    }
+    rewards = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    scored = []
+
+    def scorer(b, texts):
+        scored.append((b, list(texts)))
+        # p0's candidates in selection order: beta "bb"*5 (10 chars), beta "b"*20 -> no: one per teacher
+        # first: beta's shortest (10), alpha (30), gamma (40), then beta's other (20).
+        return [{"bbbbbbbbbb": 0.2, "a" * 30: 0.9, "c" * 40: 0.5, "b" * 20: 0.7, "short": 0.3}[t] for t in texts], None
+
+    plan = plan_guidance(["p0", "p1", "p2", "p3"], rewards, lambda ids: {i: store.get(i, []) for i in ids}, scorer,
+                         GuidanceSettings(k=2), random.Random(0))
+    # p1 has a correct rollout: not guided; p3 has no trace: counted, not an error
+    assert [b for b, _ in scored] == [0, 2]
+    assert scored[0][1] == ["b" * 10, "a" * 30, "c" * 40, "b" * 20]
+    r = plan.report
+    assert (r.prompts, r.needed, r.guided, r.no_trace, r.injected) == (4, 3, 2, 1, 3)
+    assert r.per_teacher == Counter({"alpha": 2, "beta": 1})
+    assert sorted(r.picked_scores) == [0.3, 0.7, 0.9] and sorted(r.unpicked_scores) == [0.2, 0.5]
+    by_prompt = {}
+    for inj in plan.injections:
+        by_prompt.setdefault(inj.prompt_index, []).append(inj)
+    # top 2 of p0 by score: alpha (0.9) then beta's 20-char trace (0.7); effective k = 1 for p2
+    assert [i.trace.text for i in by_prompt[0]] == ["a" * 30, "b" * 20]
+    assert [i.trace.text for i in by_prompt[2]] == ["short"]
+    # the replaced slots are those rng.sample draws from the wrong rollouts, and get reward 1
+    rng = random.Random(0)
+    expected0 = rng.sample([0, 1, 2, 3], 2)
+    expected2 = rng.sample([0, 1, 2, 3], 1)
+    assert [i.slot for i in by_prompt[0]] == expected0 and [i.slot for i in by_prompt[2]] == expected2
+    want = rewards.clone()
+    want[0, expected0] = 1.0
+    want[2, expected2] = 1.0
+    assert torch.equal(plan.rewards, want)
+    assert torch.equal(rewards[1], plan.rewards[1])  # the solved prompt is untouched
+
+
+def test_plan_guidance_off_always_and_random():
+    store = {"p0": [_trace("alpha", "x")], "p1": [_trace("beta", "y")]}
+    lookup = lambda ids: {i: store.get(i, []) for i in ids}  # noqa: E731
+    rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    off = plan_guidance(["p0", "p1"], rewards, lookup, None, GuidanceSettings(mode="off", k=1), random.Random(0))
+    assert off.injections == [] and off.report.needed == 0 and torch.equal(off.rewards, rewards)
+    always = plan_guidance(["p0", "p1"], rewards, lookup, None, GuidanceSettings(mode="always", k=1, rank="random"),
+                           random.Random(0))
+    assert always.report.guided == 2
+    assert always.rewards[0].sum() == 1.0 and always.rewards[1].tolist() == [1.0, 1.0]
+    assert always.injections[1].slot == 1  # p1: the one wrong rollout is the one replaced
+    assert all(i.score is None for i in always.injections)  # random ranking scores nothing
+    no_store = plan_guidance(["p0", "p1"], rewards, None, None, GuidanceSettings(k=1), random.Random(0))
+    assert no_store.report.no_trace == 1 and no_store.injections == []
+
+
+def test_teacher_rows_tokens_mask_and_rewards(world):
+    tok = make_tokenizer()
+    from ampo_cache.prompts import Prompt
+    from ampo_train.guided_step import GuidancePlan, GuidanceReport, Injection
+
+    prompts = prepare_prompts([Prompt("p0", "What is 1 + 2?", "3")], tok)
+    assert prompts[0].text == "<|user|>What is 1 + 2?\n<|assistant|>"
+    text = r"1+2=3. \boxed{3}"
+    ids = teacher_response_ids(tok, text, 64)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert teacher_response_ids(tok, text, 5) == ids[:5]  # cut: no EOS
+    group = [Rollout([5, 6, tok.eos_token_id], "stop"), Rollout([7, 8, 9], "length"), Rollout([5], "length")]
+    trace = _trace("alpha", text)
+    plan = GuidancePlan(torch.tensor([[0.0, 1.0, 0.0]]), [Injection(0, 1, trace, text, 0.5)], GuidanceReport())
+    rows = build_rows(prompts, [group], plan, tok, 64)
+    assert [r.is_teacher for r in rows] == [False, True, False]
+    assert rows[1].response_ids == ids and rows[1].reward == 1.0 and rows[1].teacher == "alpha" and rows[1].finished
+    assert rows[0].response_ids == [5, 6, tok.eos_token_id] and rows[0].finished and not rows[2].finished
+    batch = collate(rows, tok.pad_token_id)
+    assert batch.response_mask.sum(dim=1).tolist() == [3, len(ids), 1]  # the mask covers the trace + EOS
+    assert batch.is_teacher.tolist() == [False, True, False]
+
+
+def test_padded_batch_logprobs_match_unpadded_forward(world):
+    """Left-padded prompts + right-padded responses give each row the log-probs of its own forward."""
+    from transformers import AutoModelForCausalLM
+
+    from ampo_train.loss import token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(world["student"]).eval()
+    rows = [Row([3, 4, 5, 6, 7], [8, 9, 2], 0.0), Row([10, 11], [12, 13, 14, 15, 16], 1.0), Row([20], [21], 0.0)]
+    batch = collate(rows, 0)
+    with torch.no_grad():
+        lp = token_logprobs(response_logits(model, batch), batch.response_ids, temperature=0.7)
+        for i, row in enumerate(rows):
+            ids = torch.tensor([list(row.prompt_ids) + row.response_ids])
+            logits = model(ids).logits[0, len(row.prompt_ids) - 1:-1]
+            alone = token_logprobs(logits, torch.tensor(row.response_ids), temperature=0.7)
+            torch.testing.assert_close(lp[i, :len(row.response_ids)], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_sampler_is_an_endless_reproducible_stream():
+    a = PromptSampler(5, seed=3)
+    first = a.next_batch(4) + a.next_batch(4)  # crosses into epoch 1
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4] and a.epoch == 1
+    b = PromptSampler(5, seed=3)
+    b.next_batch(4)
+    state = b.state_dict()
+    c = PromptSampler(5, seed=3)
+    c.load_state_dict(state)
+    assert c.next_batch(4) == first[4:]
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+def test_adaptive_run_guides_logs_and_saves_a_loadable_adapter(world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(world, tmp_path, lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+                  guidance__score_baseline=True, save_steps=1, keep_checkpoints=1)
+    result = train(cfg)
+    lines = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
+        # a random student never answers: every prompt needs guidance; 1 in 4 prompts has no trace
+        assert m["accuracy"] == 0.0 and m["reward/mean"] == 0.0
+        assert m["guidance/needed"] == 4
+        assert m["guidance/guided"] + m["guidance/no_trace"] == 4 and m["guidance/guided"] >= 1
+        assert m["guidance/injected"] == 2 * m["guidance/guided"]  # k = 2, every covered prompt has >= 2 teachers
+        assert sum(v for k, v in m.items() if k.startswith("guidance/teacher/")) == m["guidance/injected"]
+        assert set(k for k in m if k.startswith("guidance/teacher/")) == {f"guidance/teacher/{t}" for t in ("alpha", "beta", "gamma")}
+        # injected rows carry reward 1: the mixed mean is injected / (prompts x G)
+        assert m["reward/mixed"] == pytest.approx(m["guidance/injected"] / 16)
+        assert 0 <= m["comprehension/picked"] <= 1 and m["comprehension/gain"] is not None
+        assert m["clip/fraction"] == 0.0  # lockstep, one update per step: ratio exactly 1
+        assert m["grad_norm"] > 0
+    assert [p.name for p in (cfg.output_dir / "checkpoints").iterdir()] == ["step-000002"]  # keep_checkpoints=1
+    # the saved adapter reproduces the trained model
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.student), result.final_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits)
+        base = AutoModelForCausalLM.from_pretrained(cfg.student)(ids).logits
+    assert not torch.allclose(base, result.model(ids).logits)  # it did train
+    assert (result.final_dir / "tokenizer.json").is_file()
+
+
+def test_mode_off_from_the_command_line_is_plain_grpo(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cli.train import app
+
+    path = write_config(tmp_path / "train.yaml", base_config(world, tmp_path / "out"))
+    result = CliRunner().invoke(app, ["run", "--config", str(path), "guidance.mode=off", "max_steps=1"])
+    assert result.exit_code == 0, result.output
+    assert "step 1/1" in result.output
+    m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert (m["guidance/needed"], m["guidance/guided"], m["guidance/injected"]) == (0, 0, 0)
+    assert m["reward/mixed"] == m["reward/mean"] and m["comprehension/picked"] is None
+    # all rollouts wrong and nothing injected: zero advantages, so the policy loss is exactly 0
+    # (only the entropy bonus moves the weights)
+    assert m["accuracy"] == 0.0 and m["loss/policy"] == 0.0 and m["grad_norm"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert model.config.vocab_size == len(make_tokenizer())
+    bad = CliRunner().invoke(app, ["run", "--config", str(path), "guidance.k=lots"])
+    assert bad.exit_code == 2 and "guidance.k=lots" in bad.output
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"])
+def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation):
+    """Gradient accumulation over micro-batches of 3 rows gives the gradient of one batch of 10."""
+    from transformers import AutoModelForCausalLM
+
+    from ampo_train.metrics import StepStats
+    from ampo_train.trainer import minibatch_backward
+
+    cfg = _config(world, tmp_path, loss={"aggregation": aggregation, "entropy_coef": 0.01})
+    model = AutoModelForCausalLM.from_pretrained(world["student"])
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(10):
+        prompt = torch.randint(3, 80, (int(torch.randint(2, 7, (1,), generator=gen)),), generator=gen).tolist()
+        response = torch.randint(3, 80, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+        rows.append(Row(prompt, response, 0.0, is_teacher=i % 4 == 1, advantage=float(torch.randn(1, generator=gen))))
+    grads = []
+    for micro in (10, 3):
+        model.zero_grad()
+        minibatch_backward(model, rows, cfg.model_copy(update={"micro_batch_size": micro}), 0, "cpu", StepStats(),
+                           lambda loss: loss.backward())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_minibatches_kl_and_lora_reference(world, tmp_path):
+    """Two updates per step (old log-probs from a no-grad pass) with a KL term to the adapter-free base."""
+    cfg = _config(world, tmp_path, max_steps=2, mini_batch_prompts=2, ppo_epochs=2, lr=3e-2,
+                  lora={"r": 4, "alpha": 8}, loss={"kl_coef": 0.1}, micro_batch_size=4)
+    result = train(cfg)
+    first, second = result.history
+    assert first["kl"] is not None and first["kl"] >= 0 and second["kl"] > 0  # the policy left the base
+    assert first["lr"] == pytest.approx(3e-2)
+    # 4 updates per step (2 mini-batches x 2 epochs): later updates see ratios != 1 and clip. Every
+    # rollout is wrong (advantage -0.5 or 0), so only the lower clip can bind.
+    assert first["clip/fraction"] > 0 and first["clip/low"] == first["clip/fraction"] and first["clip/high"] == 0
