@@ -1,4 +1,7 @@
-"""Import traces in the "long" layout (one row per trace) into a store, verifying each one.
+"""Import trace files into a store, verifying each trace.
+
+The file's layout (long, nested or wide: see ampo_cache.layouts) only decides how its rows become
+per-trace records; everything after that is shared by the layouts and lives here.
 
 Two passes over the file. The first checks every row (columns present, answer not empty, label
 readable, one answer per problem) and touches nothing, so bad input leaves the store as it was (or
@@ -15,78 +18,32 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 import pyarrow as pa
 
 from ampo_cache.errors import InputError
 from ampo_cache.ids import prompt_id, text_hash
-from ampo_cache.readers import column, read_records, text_field
+from ampo_cache.layouts import EXTRA_COLUMNS, LongLayout, NestedLayout, ParsedTrace, WideLayout, parse_row  # noqa: F401
 from ampo_cache.schema import PROMPTS, TRACES
 from ampo_cache.store import TraceStore, query_arrow
 from ampo_cache.verify import Verifier
 
-_TRUE = {"true", "1", "yes", "correct", "t", "y"}
-_FALSE = {"false", "0", "no", "wrong", "incorrect", "f", "n"}
-
-
-@dataclass
-class LongLayout:
-    """Which input column holds what. ``problem`` falls back to ``question`` when left at default."""
-
-    problem: str = "problem"
-    answer: str = "answer"
-    teacher: str = "teacher"
-    trace: str = "trace"
-    label: str | None = None
-
-
-@dataclass
-class ParsedTrace:
-    where: str
-    problem: str
-    answer: str
-    teacher: str
-    text: str
-    label: bool | None
-
 
 @dataclass
 class ImportSummary:
-    rows: int = 0
+    rows: int = 0  # trace records read (a nested or wide row holds several)
     prompts_added: int = 0
     traces_added: int = 0
     duplicates: int = 0
     statuses: Counter = field(default_factory=Counter)
 
 
-def _label(where: str, value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise InputError(where, f"column {name!r} should be a correctness label (true/false/1/0), got {value!r}")
+Layout = Union[LongLayout, NestedLayout, WideLayout]
 
 
-def parse_row(where: str, record: dict, layout: LongLayout) -> ParsedTrace:
-    problem_col = layout.problem
-    if problem_col == "problem" and "problem" not in record and "question" in record:
-        problem_col = "question"
-    return ParsedTrace(
-        where=where,
-        problem=text_field(where, column(where, record, problem_col), "problem"),
-        answer=text_field(where, column(where, record, layout.answer), "answer").strip(),
-        teacher=text_field(where, column(where, record, layout.teacher), "teacher").strip(),
-        text=text_field(where, column(where, record, layout.trace), "trace", allow_empty=True),
-        label=None if layout.label is None else _label(where, column(where, record, layout.label), layout.label),
-    )
-
-
-def _parsed(path: Path, layout: LongLayout) -> Iterator[ParsedTrace]:
-    for where, record in read_records(path):
-        yield parse_row(where, record, layout)
+def _parsed(path: Path, layout: Layout) -> Iterator[ParsedTrace]:
+    return layout.traces(path)
 
 
 def _stored_answers(store: TraceStore) -> dict[str, str]:
@@ -95,7 +52,7 @@ def _stored_answers(store: TraceStore) -> dict[str, str]:
     return dict(zip(ids.to_pylist(), answers.to_pylist()))
 
 
-def check_file(path: Path, layout: LongLayout, stored_answers: dict[str, str]) -> int:
+def check_file(path: Path, layout: Layout, stored_answers: dict[str, str]) -> int:
     """Pass 1: every row parses and each problem has one answer. Returns the row count."""
     answers = dict(stored_answers)
     rows = 0
@@ -113,10 +70,20 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def import_long(
+def _traces_table(rows: list[dict]) -> pa.Table:
+    """The traces rows as a table: the store's columns, then the source fields some rows carry."""
+    table = pa.Table.from_pylist(rows, schema=TRACES)
+    for name, type_ in EXTRA_COLUMNS.items():
+        values = [row.get(name) for row in rows]
+        if any(v is not None for v in values):
+            table = table.append_column(pa.field(name, type_), pa.array(values, type_))
+    return table
+
+
+def import_traces(
     path: str | Path,
     store_root: str | Path,
-    layout: LongLayout,
+    layout: Layout,
     verifier: Verifier,
     trust_labels: bool = False,
     source: str | None = None,
@@ -161,6 +128,7 @@ def import_long(
                 dict(
                     prompt_id=pid, teacher=row.teacher, sample_idx=next_idx[pid, row.teacher], text=row.text,
                     text_hash=digest, source_label=row.label, num_chars=len(row.text), origin=origin, created_at=now,
+                    **row.extra,
                 )
             )
             next_idx[pid, row.teacher] += 1
@@ -174,9 +142,12 @@ def import_long(
                 trace.update(correct=verdict.correct, verify_status=verdict.status, extracted_answer=verdict.extracted)
         summary.statuses.update(t["verify_status"] for t in trace_rows)
         store.append("prompts", pa.Table.from_pylist(prompt_rows, schema=PROMPTS))
-        store.append("traces", pa.Table.from_pylist(trace_rows, schema=TRACES))
+        store.append("traces", _traces_table(trace_rows))
         summary.prompts_added += len(prompt_rows)
         summary.traces_added += len(trace_rows)
         if on_rows:
             on_rows(len(chunk))
     return summary
+
+
+import_long = import_traces  # the name from before the nested and wide layouts

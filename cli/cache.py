@@ -14,7 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ampo_cache.build import TeacherPlan, load_build_prompts, parse_shard, plan_build, run_build
 from ampo_cache.coverage import coverage_report
-from ampo_cache.importer import LongLayout, import_long
+from ampo_cache.export import FORMATS as EXPORT_FORMATS
+from ampo_cache.export import export as export_store
+from ampo_cache.importer import import_traces
+from ampo_cache.layouts import LAYOUTS, resolve_layout
+from ampo_cache.merge import PREFER, merge as merge_stores
 from ampo_cache.store import TraceStore
 from ampo_cache.teachers import load_build_config
 from ampo_cache.verify import Verifier
@@ -26,41 +30,100 @@ app = typer.Typer(help="Build, import, inspect and query the teacher-trace store
 StoreOpt = typer.Option(..., "--store", help="Store directory.")
 
 
+def _names(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
 @app.command("import")
 def import_cmd(
-    traces: Path = typer.Argument(..., help="JSONL, Parquet or CSV file, one row per trace."),
+    traces: Path = typer.Argument(..., help="JSONL, Parquet or CSV file of traces (long, nested or wide layout)."),
     store: Path = StoreOpt,
-    problem_col: str = typer.Option("problem", help="Column with the problem text (`question` also accepted)."),
-    answer_col: str = typer.Option("answer", help="Column with the ground-truth answer."),
-    teacher_col: str = typer.Option("teacher", help="Column naming the teacher model."),
-    trace_col: str = typer.Option("trace", help="Column with the teacher's trace (assistant text)."),
+    layout: str = typer.Option("auto", help=f"{' | '.join(LAYOUTS)}: one row per trace (long), per prompt with a "
+                                            "list of traces (nested) or with a column per teacher (wide)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher name for nested traces that name none (LUFFY's `target`)."),
+    teacher_cols: Optional[str] = typer.Option(None, help="Wide layout: the teacher columns, `a,b,c` or a glob "
+                                                          "(default `trace_*`: the `*` part names the teacher)."),
+    problem_col: str = typer.Option("problem", help="Column with the problem text (`question`, or a verl chat-list "
+                                                    "`prompt`, also accepted)."),
+    answer_col: str = typer.Option("answer", help="Column with the ground-truth answer (`reward_model.ground_truth` "
+                                                  "also accepted)."),
+    teacher_col: str = typer.Option("teacher", help="Long layout: column naming the teacher model."),
+    trace_col: str = typer.Option("trace", help="Long layout: column with the teacher's trace (`text` also accepted)."),
     label_col: Optional[str] = typer.Option(None, help="Column with the source's own correctness label, kept as source_label."),
     trust_labels: bool = typer.Option(False, help="Use --label-col as `correct` instead of verifying."),
     source: Optional[str] = typer.Option(None, help="Value of prompts.source (default: the file name)."),
     timeout: float = typer.Option(5.0, help="Seconds allowed to verify one trace."),
     workers: Optional[int] = typer.Option(None, help="Verifier processes (default: CPU count; 0 = in-process)."),
-    shard_rows: int = typer.Option(2000, help="Input rows per shard written (the most a kill can lose)."),
+    shard_rows: int = typer.Option(2000, help="Traces per shard written (the most a kill can lose)."),
 ):
-    """Import traces in the long layout, verifying each against its ground truth."""
-    layout = LongLayout(problem=problem_col, answer=answer_col, teacher=teacher_col, trace=trace_col, label=label_col)
+    """Import traces (long, nested or wide layout), verifying each against its ground truth."""
     with user_errors(), Verifier(timeout=timeout, workers=workers) as verifier:
-        # The bar appears once the file has been checked, so a rejected file prints only its error.
+        chosen = resolve_layout(traces, layout, problem_col=problem_col, answer_col=answer_col,
+                                teacher_col=teacher_col, trace_col=trace_col, label_col=label_col,
+                                teacher=teacher, teacher_cols=teacher_cols)
+        # The layout line and the bar appear once the file has been checked, so a rejected file
+        # prints only its error.
         with Progress(TextColumn("[bold]importing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+                      TextColumn("traces"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
             task = None
 
             def start(total: int) -> None:
                 nonlocal task
+                console.print(f"layout: {chosen.describe()}" + (" (detected)" if layout == "auto" else ""),
+                              highlight=False, soft_wrap=True)
                 task = progress.add_task(traces.name, total=total)
 
-            summary = import_long(
-                traces, store, layout, verifier, trust_labels=trust_labels, source=source, chunk_rows=shard_rows,
+            summary = import_traces(
+                traces, store, chosen, verifier, trust_labels=trust_labels, source=source, chunk_rows=shard_rows,
                 on_start=start, on_rows=lambda n: progress.advance(task, n),
             )
     rows = [("rows read", summary.rows), ("prompts added", summary.prompts_added),
             ("traces added", summary.traces_added), ("duplicates skipped", summary.duplicates)]
     rows += [(f"  {status}", count) for status, count in sorted(summary.statuses.items())]
     console.print(make_table(f"import {traces.name} -> {store}", ["", "count"], rows))
+
+
+@app.command()
+def export(
+    store: Path = StoreOpt,
+    out: Path = typer.Option(..., "--out", help="File to write (verl: .parquet; long: .parquet, .jsonl or .csv)."),
+    fmt: str = typer.Option("verl", "--format", help=f"{' | '.join(EXPORT_FORMATS)}: one row per prompt with "
+                                                     "target_lst (verl), or one row per trace with every column (long)."),
+    only_correct: bool = typer.Option(False, "--only-correct", help="Only traces the verifier judged correct."),
+    max_per_prompt: Optional[int] = typer.Option(None, help="Keep the N best traces of each prompt "
+                                                            "(correct and shortest first)."),
+    teachers: Optional[str] = typer.Option(None, help="Only these teachers: a,b,c."),
+    where: Optional[str] = typer.Option(None, help="Your own SQL condition over the traces columns "
+                                                   "(plus problem, answer, prompt_source), e.g. \"num_chars < 4000\"."),
+):
+    """Write the store's traces for other trainers (verl layout) or as one row per trace (long)."""
+    with user_errors():
+        summary = export_store(store, out, fmt, only_correct=only_correct, max_per_prompt=max_per_prompt,
+                               teachers=_names(teachers), where=where)
+    console.print(make_table(f"export {store} -> {out} ({fmt})", ["", "count"],
+                             [("rows written", summary.rows), ("prompts", summary.prompts),
+                              ("traces", summary.traces)]))
+
+
+@app.command()
+def merge(
+    stores: list[Path] = typer.Argument(..., help="Stores to merge, in order of precedence."),
+    into: Path = typer.Option(..., "--into", help="New store directory to create (missing or empty)."),
+    prefer: Optional[str] = typer.Option(None, help=f"On conflicting rows for one key: {' | '.join(PREFER)} "
+                                                    "keeps the latest created_at (default: fail)."),
+):
+    """Merge stores built apart into a new one; identical rows are kept once, conflicts fail."""
+    with user_errors():
+        summary = merge_stores(stores, into, prefer=prefer)
+    rows = [("stores", len(summary.stores)),
+            ("prompts read", summary.prompts_read), ("prompts written", summary.prompts_written),
+            ("prompt duplicates dropped", summary.prompt_duplicates),
+            ("traces read", summary.traces_read), ("traces written", summary.traces_written),
+            ("trace duplicates dropped", summary.trace_duplicates)]
+    if prefer:
+        rows += [("prompt conflicts (newest kept)", summary.prompt_conflicts),
+                 ("trace conflicts (newest kept)", summary.trace_conflicts)]
+    console.print(make_table(f"merge -> {into}", ["", "count"], rows))
 
 
 def print_coverage(report: dict) -> None:
