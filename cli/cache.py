@@ -22,6 +22,7 @@ from ampo_cache.merge import PREFER, merge as merge_stores
 from ampo_cache.store import TraceStore
 from ampo_cache.teachers import load_build_config
 from ampo_cache.verify import Verifier
+from cli.tinyworld import app as tiny_world_app
 from cli.common import console, make_table, user_errors, write_stdout
 
 app = typer.Typer(help="Build, import, inspect and query the teacher-trace store.", no_args_is_help=True,
@@ -224,6 +225,8 @@ def sql(
     else:
         write_stdout(json.dumps([dict(zip(columns, row)) for row in rows], default=str) + "\n")
 
+
+app.add_typer(tiny_world_app, name="tiny-world")
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,92 @@
+"""The tiny world: deterministic problems, correct traces in four styles, a working tokenizer, real models."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ampo_cache.verify import verify_one
+from tinyworld.problems import TERMS_PER_LEVEL, ProblemSampler, held_out_problems
+from tinyworld.styles import STYLES, render
+from tinyworld.tokenizer import build_tokenizer
+
+
+def test_same_seed_same_problems_other_seed_other_problems():
+    assert held_out_problems(3, 20) == held_out_problems(3, 20)
+    assert held_out_problems(3, 20) != held_out_problems(4, 20)
+    a = ProblemSampler(3, held_out_problems(3, 20), "prompts").distinct(50, [1, 2, 3, 4])
+    b = ProblemSampler(3, held_out_problems(3, 20), "prompts").distinct(50, [1, 2, 3, 4])
+    assert a == b
+
+
+def test_levels_have_their_term_counts_and_training_never_sees_a_test_problem():
+    held_out = held_out_problems(0, 30)
+    for level, problems in held_out.items():
+        assert all(len(p.terms) == TERMS_PER_LEVEL[level] for p in problems)
+        assert len({p.terms for p in problems}) == len(problems)
+    assert len(held_out[1]) == 81 // 4  # level 1 has 81 problems; at most a quarter is held out
+    banned = {p.terms for ps in held_out.values() for p in ps}
+    train = ProblemSampler(0, held_out, "prompts").distinct(500, [1, 2, 3, 4])
+    assert not banned & {p.terms for p in train}
+
+
+def test_answers_are_the_sums_of_the_problem_text():
+    for problems in held_out_problems(1, 10).values():
+        for p in problems:
+            expression = p.text.removeprefix("What is ").removesuffix("?")
+            assert int(p.answer) == eval(expression)  # independent of how Problem computes it
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_every_style_reduces_correctly_and_ends_boxed(style):
+    terms = (3, 5, 7, 2, 4)
+    trace = render(style, terms)
+    assert trace.endswith("\\boxed{21}")
+    steps = trace.split(" ")[0].split("=")
+    assert steps[0] == "3+5+7+2+4" and steps[-1] == "21"
+    for step in steps:  # every line of the reduction is the same sum
+        assert eval(step) == 21
+    assert verify_one(trace, "21").correct
+
+
+def test_styles_differ_in_their_order_of_steps():
+    traces = {render(style, (3, 5, 7, 2)) for style in STYLES}
+    assert len(traces) == 4
+    assert render("forward", (3, 5, 7, 2)) == "3+5+7+2=8+7+2=15+2=17 \\boxed{17}"
+    assert render("pairs", (3, 5, 7, 2)) == "3+5+7+2=8+9=17 \\boxed{17}"
+
+
+def test_tokenizer_round_trips_and_renders_its_chat_template(tmp_path):
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "3+5+7+2=8+7+2=15+2=17 \\boxed{17}"
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and loaded.decode(ids) == text
+    chat = [{"role": "system", "content": "Add."}, {"role": "user", "content": "What is 1 + 2?"}]
+    assert loaded.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        "<|system|>Add.<|user|>What is 1 + 2?<|assistant|>"
+    offsets = loaded(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert offsets[-3] == (len(text) - 3, len(text) - 2)  # one character per token
+
+
+def test_world_files_models_and_generation(tiny_world):
+    train = pq.read_table(tiny_world.train_prompts).to_pylist()
+    assert {"problem", "answer", "level", "source"} <= set(train[0])
+    assert {r["level"] for r in train} == set(TERMS_PER_LEVEL)
+    test_hard = {r["problem"] for r in pq.read_table(tiny_world.test_prompts(4)).to_pylist()}
+    assert not test_hard & {r["problem"] for r in train}
+    assert set(tiny_world.teachers) == set(STYLES)
+    for folder in [*tiny_world.teachers.values(), tiny_world.student]:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                               add_generation_prompt=True, tokenize=False)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert out.shape[1] > inputs["input_ids"].shape[1]
+        assert model.config.hidden_size // model.config.num_attention_heads >= 32  # vLLM CPU needs heads >= 32
+    summary = tiny_world.summary
+    assert set(summary["accuracy"]) == set(STYLES) | {"student"}
+    assert 0.0 <= summary["teachers_union_coverage_hard"] <= 1.0
