@@ -301,3 +301,13 @@ def test_minibatches_kl_and_lora_reference(world, tmp_path):
     # 4 updates per step (2 mini-batches x 2 epochs): later updates see ratios != 1 and clip. Every
     # rollout is wrong (advantage -0.5 or 0), so only the lower clip can bind.
     assert first["clip/fraction"] > 0 and first["clip/low"] == first["clip/fraction"] and first["clip/high"] == 0
+
+
+def test_tiny_world_train_yaml_runs(tiny_world, tmp_path):
+    """The tiny world's generated train.yaml fits this schema and trains (its store is built by
+    `ampo-cache build`, which this test skips: guidance off)."""
+    cfg = load_train_config(tiny_world.train_yaml, [
+        "guidance.mode=off", f"output_dir={tmp_path / 'out'}", "max_steps=1", "prompts_per_step=2", "group_size=4",
+        "rollout.max_new_tokens=32", "tensorboard=false"])
+    result = train(cfg)
+    assert result.final_dir is not None and result.history[0]["response_length/mean"] > 0
