@@ -60,7 +60,7 @@ def _build_file(store: "TraceStore", path) -> None:
     os.replace(tmp, path)
 
 
-def _load_table(store: "TraceStore") -> pa.Table:
+def _load_table(store: "TraceStore") -> tuple[pa.Table, "os.PathLike | None"]:
     folder = store.root / "index"
     path = folder / f"correct-{_fingerprint(store)}.arrow"
     try:
@@ -74,15 +74,16 @@ def _load_table(store: "TraceStore") -> pa.Table:
                         old.unlink(missing_ok=True)
     except PermissionError:
         with store.connect() as con:
-            return query_arrow(con, INDEX_QUERY)
-    return ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            return query_arrow(con, INDEX_QUERY), None
+    return ipc.open_file(pa.memory_map(str(path), "r")).read_all(), path
 
 
 class TraceIndex:
     """Correct traces per prompt. ``lookup(ids)`` -> {prompt_id: [CachedTrace, ...]}."""
 
-    def __init__(self, table: pa.Table, prompt_ids: Iterable[str] | None = None):
+    def __init__(self, table: pa.Table, prompt_ids: Iterable[str] | None = None, path=None):
         self.table = table
+        self.path = path  # the memory-mapped index file (None when indexed in memory)
         ids = table.column("prompt_id").to_numpy(zero_copy_only=False)
         if len(ids):
             starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
@@ -97,7 +98,15 @@ class TraceIndex:
     @classmethod
     def load(cls, store: "TraceStore", prompt_ids: Iterable[str] | None = None) -> "TraceIndex":
         """Index the store's correct traces; ``prompt_ids`` limits which prompts are kept."""
-        return cls(_load_table(store), prompt_ids)
+        table, path = _load_table(store)
+        return cls(table, prompt_ids, path)
+
+    def prefetch(self, chunk_bytes: int = 1 << 24) -> None:
+        """Read the index file once so that lookups never wait on the disk (first-touch faults)."""
+        if self.path is not None:
+            with open(self.path, "rb") as handle:
+                while handle.read(chunk_bytes):
+                    pass
 
     def __len__(self) -> int:
         return len(self._ranges)

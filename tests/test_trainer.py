@@ -311,3 +311,13 @@ def test_tiny_world_train_yaml_runs(tiny_world, tmp_path):
         "rollout.max_new_tokens=32", "tensorboard=false"])
     result = train(cfg)
     assert result.final_dir is not None and result.history[0]["response_length/mean"] > 0
+
+
+def test_trains_from_verl_layout_prompts(tiny_world, tmp_path):
+    """Training prompts in the verl layout (chat-list `prompt`, `reward_model.ground_truth`) work as ours."""
+    verl = os.path.join(os.path.dirname(__file__), "..", "data", "examples", "verl.parquet")
+    cfg = load_train_config(tiny_world.train_yaml, [
+        f"prompts={verl}", "guidance.mode=off", f"output_dir={tmp_path / 'out'}", "max_steps=1",
+        "prompts_per_step=2", "group_size=2", "rollout.max_new_tokens=8", "tensorboard=false"])
+    result = train(cfg)
+    assert result.history[0]["response_length/mean"] > 0
