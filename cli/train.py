@@ -46,7 +46,30 @@ def run(
         cfg = load_train_config(config, overrides or [], base=base)
         from ampo_train.trainer import train
 
-        train(cfg, resume=resume)
+        result = train(cfg, resume=resume)
+    if result.history:
+        print_summary(result.history)
+
+
+def _mean(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{sum(values) / len(values):.3f}" if values else "-"
+
+
+def print_summary(history: list[dict]) -> None:
+    """First and last few steps side by side: what moved during the run."""
+    from cli.common import console, make_table
+
+    span = max(1, min(5, len(history) // 2))
+    first, last = history[:span], history[-span:]
+    keys = ["reward/mean", "accuracy", "guidance/fraction", "groups/all_wrong", "comprehension/picked",
+            "response_length/mean", "entropy", "grad_norm", "time/step"]
+    rows = [(key, _mean(first, key), _mean(last, key)) for key in keys]
+    teachers = sorted(k for k in history[-1] if k.startswith("guidance/teacher/"))
+    rows += [(f"traces injected from {k.rsplit('/', 1)[1]} (all steps)", "", str(int(sum(r.get(k) or 0 for r in history))))
+             for k in teachers]
+    console.print(make_table(f"run summary: steps {history[0]['step']}-{history[-1]['step']} "
+                             f"(means over the first and last {span})", ["metric", "first", "last"], rows))
 
 
 if __name__ == "__main__":
