@@ -79,7 +79,8 @@ def query_batches(con: duckdb.DuckDBPyConnection, query: str, batch_size: int) -
     return (getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader)(batch_size)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (the directory entry itself is data)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -198,7 +199,7 @@ class TraceStore:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return final
 
     def _atomic_write_bytes(self, path: Path, data: bytes) -> None:

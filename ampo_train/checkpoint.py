@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ampo_cache.errors import InputError
+from ampo_cache.store import fsync_dir
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -63,15 +64,7 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 @contextlib.contextmanager
@@ -91,7 +84,7 @@ def atomic_dir(final: Path):
             final.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         tmp.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

