@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.common import console, make_table
+from cli.common import console, make_table, user_errors
 
 app = typer.Typer(help="The embedded tiny world: a CPU-sized stand-in for real teachers and a student.",
                   no_args_is_help=True, add_completion=False)
@@ -43,7 +43,7 @@ def build(
 
     if size not in SIZES:
         raise typer.BadParameter(f"expected one of {', '.join(SIZES)}", param_hint="--size")
-    with Progress(TextColumn("[bold]tiny world[/bold] {task.fields[stage]:<9}"), BarColumn(), MofNCompleteColumn(),
+    with user_errors(), Progress(TextColumn("[bold]tiny world[/bold] {task.fields[stage]:<9}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("build", total=total_units(size), stage="")
         summary = build_world(folder, seed, size, on_progress=lambda stage, n: progress.update(task, advance=n, stage=stage))

@@ -90,3 +90,12 @@ def test_world_files_models_and_generation(tiny_world):
     summary = tiny_world.summary
     assert set(summary["accuracy"]) == set(STYLES) | {"student"}
     assert 0.0 <= summary["teachers_union_coverage_hard"] <= 1.0
+
+
+def test_build_refuses_to_replace_an_unrelated_folder(tmp_path):
+    from tests.helpers import run_cache
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = run_cache("tiny-world", "build", tmp_path, "--size", "small")
+    assert result.exit_code == 2 and "is not a tiny world" in result.output
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

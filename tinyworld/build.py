@@ -31,6 +31,7 @@ import torch
 import yaml
 from transformers.utils import logging as hf_logging
 
+from ampo_cache.errors import InputError
 from tinyworld.evaluate import score_model
 from tinyworld.models import ModelSize, chat_example, new_model, train
 from tinyworld.problems import HARD_LEVEL, TERMS_PER_LEVEL, Problem, ProblemSampler, held_out_problems
@@ -138,9 +139,12 @@ def build_world(root: Path, seed: int = 0, size_name: str = "full",
     advance = on_progress or (lambda stage, n: None)
     torch.manual_seed(seed)
     started = time.perf_counter()
-    if root.exists():
+    if root.exists() and any(root.iterdir()):
+        # Only ever replace an earlier tiny world (complete or not), never an unrelated folder.
+        if not ((root / "world.json").exists() or (root / "prompts" / "train.parquet").exists()):
+            raise InputError(str(root), "exists, is not empty and is not a tiny world; choose another folder")
         shutil.rmtree(root)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
 
     tests = held_out_problems(seed, size.test_per_level)
     train_set = ProblemSampler(seed, tests, "prompts").distinct(size.train_prompts, list(TERMS_PER_LEVEL))
