@@ -113,7 +113,9 @@ def open_trace_index(cfg: TrainConfig, prompts: Sequence[TrainPrompt]):
         return None
     if not TraceStore.exists(cfg.store):
         raise InputError(str(cfg.store), "not a trace store (build one with `ampo-cache build`)")
-    return TraceStore.open(cfg.store).index(prompt_ids=[p.prompt_id for p in prompts])
+    index = TraceStore.open(cfg.store).index(prompt_ids=[p.prompt_id for p in prompts])
+    index.prefetch()  # page the index in once now, not as first-touch faults inside timed steps
+    return index
 
 
 def _lr_scheduler(cfg: TrainConfig, optimizer):
