@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from datetime import datetime, timezone
@@ -111,19 +112,32 @@ class TraceStore:
     @classmethod
     def create_or_open(cls, root: str | Path) -> "TraceStore":
         store = cls(Path(root))
-        marker = store.root / "store.json"
-        if not marker.is_file():
+        if not (store.root / "store.json").is_file():
             if store.root.exists() and any(store.root.iterdir()):
                 raise InputError(str(root), "exists, is not empty and is not a trace store")
-            for table, schema in TABLES.items():
-                (store.root / table).mkdir(parents=True, exist_ok=True)
-                # An empty shard per table gives the views their columns before any data arrives.
-                store._write_shard(table, schema.empty_table(), name="part-00000000000000-schema.parquet")
-            store._atomic_write_bytes(marker, json.dumps(FORMAT, indent=1).encode())
+            store._create()
         store.check_shards()
         store._remove_stale_temporaries()
         store.write_catalog()
         return store
+
+    def _create(self) -> None:
+        """Lay the store out in a hidden sibling folder and rename it into place, so that builders
+        starting together never see a half-made store: one rename wins, the others open its store."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        draft = TraceStore(self.root.parent / f".{self.root.name}.creating-{uuid.uuid4().hex[:8]}")
+        for table, schema in TABLES.items():
+            (draft.root / table).mkdir(parents=True)
+            # An empty shard per table gives the views their columns before any data arrives.
+            draft._write_shard(table, schema.empty_table(), name="part-00000000000000-schema.parquet")
+        (draft.root / "store.json").write_bytes(json.dumps(FORMAT, indent=1).encode())
+        try:
+            os.rename(draft.root, self.root)  # replaces an empty folder; fails on a non-empty one
+        except OSError:
+            shutil.rmtree(draft.root, ignore_errors=True)
+            if not (self.root / "store.json").is_file():
+                raise
+        fsync_dir(self.root.parent)
 
     def check_shards(self) -> None:
         """Read every shard's footer: a corrupt or truncated shard is reported, never skipped."""
@@ -201,11 +215,6 @@ class TraceStore:
         os.replace(tmp, final)
         fsync_dir(folder)
         return final
-
-    def _atomic_write_bytes(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
 
     def _remove_stale_temporaries(self) -> None:
         """Temporaries of killed writers. Fresh ones may belong to a live writer: left alone."""

@@ -128,3 +128,21 @@ def test_corrupt_shard_is_reported_with_its_path(tmp_path):
     result = run_cache("coverage", "--store", root)
     assert result.exit_code == 2
     assert str(shard) in result.output and "corrupt or truncated" in result.output
+
+
+def _create_in_child(root, barrier):
+    barrier.wait()
+    TraceStore.create_or_open(root)
+
+
+def test_builders_creating_one_new_store_at_once_all_succeed(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    children = [ctx.Process(target=_create_in_child, args=(tmp_path / "new", barrier)) for _ in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=60)
+    assert [c.exitcode for c in children] == [0, 0, 0, 0]
+    assert len(list((tmp_path / "new" / "traces").glob("part-*.parquet"))) == 1  # one layout, not four
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no drafts left behind
