@@ -25,7 +25,7 @@ from ampo_cache.generation import Backend, conversation, open_backend, resolve_b
 from ampo_cache.ids import text_hash
 from ampo_cache.prompts import Prompt, load_prompts
 from ampo_cache.schema import PROMPTS, TRACES
-from ampo_cache.store import TraceStore, query_arrow
+from ampo_cache.store import TraceStore
 from ampo_cache.teachers import BuildConfig, Teacher
 from ampo_cache.verify import Verifier
 
@@ -76,9 +76,8 @@ class TeacherResult:
 def stored_keys(store_root: Path) -> set[tuple[str, str, int]]:
     if not TraceStore.exists(store_root):
         return set()
-    with TraceStore.open(store_root).connect() as con:
-        keys = query_arrow(con, "SELECT prompt_id, teacher, sample_idx FROM traces")
-    return set(zip(*(keys.column(i).to_pylist() for i in range(3))))
+    keys = TraceStore.open(store_root).trace_keys()
+    return set(zip(*(keys.column(name).to_pylist() for name in ("prompt_id", "teacher", "sample_idx"))))
 
 
 def plan_build(config: BuildConfig, prompts: Sequence[Prompt]) -> list[TeacherPlan]:

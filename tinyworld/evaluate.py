@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ampo_cache.generation import conversation
 from ampo_cache.generation.hf import TransformersBackend
 from ampo_cache.teachers import Teacher
@@ -33,7 +31,6 @@ def correct_matrix(backend: TransformersBackend, problems: list[Problem], n: int
 
 def score_model(folder: Path, tests: dict[int, list[Problem]], temperature: float, samples: int,
                 max_tokens: int, seed: int = 0) -> dict[int, LevelScores]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     make = lambda t: Teacher(name="eval", model=str(folder), backend="transformers",  # noqa: E731
                              sampling={"temperature": t, "top_p": 1.0, "max_tokens": max_tokens})
     greedy_backend = TransformersBackend(make(0.0), device="cpu")
