@@ -31,10 +31,11 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
-def make_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence]) -> Table:
+def make_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence], keep_whole: int = 0) -> Table:
+    """``keep_whole``: the first columns (names) are never wrapped or cut; the others give way."""
     table = Table(title=title, title_justify="left")
-    for name in columns:
-        table.add_column(str(name))
+    for i, name in enumerate(columns):
+        table.add_column(str(name), no_wrap=i < keep_whole)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     return table

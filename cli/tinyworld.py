@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -50,3 +51,61 @@ def build(
     print_accuracy(summary)
     console.print(f"built {folder}/: teachers.yaml (for `ampo-cache build --teachers`), train.yaml, prompts/, "
                   "tokenizer/, teachers/, student/, world.json")
+
+
+def _experiment(settings, title: str) -> None:
+    from tinyworld.experiment import prepare_world, summarise, table_rows, train_and_evaluate, write_outputs
+
+    prepare_world(settings)
+    train_and_evaluate(settings)
+    summary = summarise(settings)
+    paths = write_outputs(settings, summary)
+    headings, rows = table_rows(summary)
+    console.print(make_table(title, headings, rows, keep_whole=1))
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _settings(folder: Path, out: Optional[Path], arms: str, seeds: str, overrides: Optional[List[str]], samples: int):
+    from ampo_cache.errors import InputError
+    from tinyworld.experiment import ARMS, ExperimentSettings
+
+    names = [a.strip() for a in arms.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise InputError("--arms", f"unknown arm(s) {', '.join(unknown) or '(none)'}; expected some of {', '.join(ARMS)}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise InputError("--seeds", f"expected comma-separated integers like 0,1,2, got {seeds!r}") from None
+    return ExperimentSettings(world=folder, out=out or folder / "experiment", arms=names, seeds=seed_list or [0],
+                              train_overrides=list(overrides or []), samples=samples,
+                              echo=lambda line: console.print(f"[bold cyan]{line}[/bold cyan]", highlight=False))
+
+
+@app.command()
+def demo(
+    folder: Path = typer.Argument(Path("tiny"), help="The tiny world's folder (built there when missing)."),
+    out: Optional[Path] = typer.Option(None, help="Where runs, evaluations and figures go (default FOLDER/demo)."),
+):
+    """The whole story in one command: build the world and its trace cache, train the student with
+    GRPO and with AMPO from the same start, evaluate both and the untrained student, print the
+    table and write the figures. Run it again to redo only what is missing."""
+    with user_errors():
+        settings = _settings(folder, out or folder / "demo", "grpo,ampo", "0", None, 16)
+    _experiment(settings, "GRPO vs AMPO on the held-out tiny-world levels (16 samples per problem, T=0.6)")
+
+
+@app.command()
+def experiment(
+    folder: Path = typer.Argument(Path("tiny"), help="The tiny world's folder (built there when missing)."),
+    arms: str = typer.Option("grpo,ampo", help="Comma-separated arms: grpo, ampo, ampo-k1, ampo-k4, ampo-random, "
+                                               "ampo-always (see tinyworld/experiment.py)."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds; every arm runs every seed."),
+    samples: int = typer.Option(16, min=1, help="Sampled answers per test problem."),
+    out: Optional[Path] = typer.Option(None, help="Where runs, evaluations and figures go (default FOLDER/experiment)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="train.yaml overrides for every arm, e.g. max_steps=100."),
+):
+    """Several seeds x several arms (the ablations), mean ± std over seeds; resumable."""
+    with user_errors():
+        settings = _settings(folder, out, arms, seeds, overrides, samples)
+    _experiment(settings, f"tiny world, mean ± std over seeds {settings.seeds}")

@@ -51,6 +51,90 @@ def run(
         print_summary(result.history)
 
 
+@app.command("eval")
+def eval_(
+    model: List[str] = typer.Option(..., "--model", "-m", help="Model folder or hub id; repeat to compare models. A "
+                                    "LoRA adapter folder (e.g. a LoRA run's final/) is loaded onto its base."),
+    data: List[Path] = typer.Option(..., "--data", "-d", help="Benchmark file (JSONL/Parquet/CSV); repeat for several."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter for a single --model."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="Display name per --model (default: folder name)."),
+    k: str = typer.Option("1,4,16", "--k", help="Comma-separated k for pass@k (each <= --samples)."),
+    samples: int = typer.Option(16, "--samples", "-n", min=1, help="Sampled answers per problem (avg@n, pass@k)."),
+    temperature: float = typer.Option(0.6, "--temperature", min=0.0, help="Sampling temperature (the paper: 0.6)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Most tokens generated per answer."),
+    greedy: bool = typer.Option(False, "--greedy", help="Also report greedy accuracy (one more decode per problem)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System turn of the chat, when set."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers | vllm | auto."),
+    problem_col: Optional[str] = typer.Option(None, "--problem-col", help="Problem column when not a usual name."),
+    answer_col: Optional[str] = typer.Option(None, "--answer-col", help="Answer column when not a usual name."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of pass@k curves (one line per model)."),
+):
+    """avg@n, unbiased pass@k (Chen et al.), optional greedy accuracy and solution diversity, per
+    benchmark file and overall; a table on the console, JSON with --out, a PNG with --plot."""
+    from ampo_cache.errors import InputError
+    from ampo_train.evaluation.benchmarks import load_benchmark
+    from ampo_train.evaluation.runner import EvalSettings, ModelSpec, evaluate
+
+    with user_errors():
+        ks = _parse_ks(k)
+        if backend not in ("transformers", "vllm", "auto"):
+            raise InputError("--backend", f"expected transformers, vllm or auto, got {backend!r}")
+        if adapter is not None and len(model) != 1:
+            raise InputError("--adapter", "goes with a single --model (pass adapter folders as --model to compare several)")
+        if label and len(label) != len(model):
+            raise InputError("--label", f"{len(label)} labels for {len(model)} models")
+        specs = [ModelSpec.parse(m, str(adapter) if adapter else None, label[i] if label else None)
+                 for i, m in enumerate(model)]
+        benchmarks = {path.stem: load_benchmark(path, problem_col, answer_col) for path in data}
+        if len(benchmarks) != len(data):
+            raise InputError("--data", "two benchmark files share a file name; their results would collide")
+        settings = EvalSettings(samples=samples, ks=ks, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                greedy=greedy, seed=seed, system_prompt=system_prompt, backend=backend)
+        reports = evaluate(specs, benchmarks, settings)
+    print_eval_table(reports)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(reports, indent=1) + "\n")
+    if plot is not None:
+        from ampo_train.evaluation.plots import plot_pass_at_k
+
+        plot_pass_at_k(reports, plot)
+
+
+def _parse_ks(text: str) -> list[int]:
+    from ampo_cache.errors import InputError
+
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise InputError("--k", f"expected comma-separated integers like 1,4,16, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise InputError("--k", f"expected positive integers, got {text!r}")
+    return ks
+
+
+def print_eval_table(reports: list[dict]) -> None:
+    from cli.common import console, make_table
+
+    ks = list(reports[0]["overall"]["pass@k"])
+    greedy = reports[0]["overall"]["greedy"] is not None
+    n = reports[0]["overall"]["samples"]
+    columns = ["model", "benchmark", "problems", f"avg@{n}"] + [f"pass@{k}" for k in ks] + \
+        (["greedy"] if greedy else []) + ["distinct correct"]
+    rows = []
+    for report in reports:
+        parts = list(report["benchmarks"].items()) + ([("overall", report["overall"])] if len(report["benchmarks"]) > 1 else [])
+        for name, s in parts:
+            rows.append([report["model"], name, s["problems"], f"{s['avg@n']:.3f}"] +
+                        [f"{s['pass@k'][k]:.3f}" for k in ks] + ([f"{s['greedy']:.3f}"] if greedy else []) +
+                        [f"{s['distinct_correct']:.2f}"])
+    console.print(make_table(f"evaluation: {n} samples per problem at temperature "
+                             f"{reports[0]['settings']['temperature']}", columns, rows, keep_whole=2))
+
+
 def _mean(rows: list[dict], key: str) -> str:
     values = [r[key] for r in rows if r.get(key) is not None]
     return f"{sum(values) / len(values):.3f}" if values else "-"

@@ -23,7 +23,9 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, teacher: Teacher, device: str | None = None):
+    def __init__(self, teacher: Teacher, device: str | None = None, model: torch.nn.Module | None = None):
+        """``model``: an already loaded model to sample from (e.g. a student with its LoRA adapter
+        merged) instead of loading ``teacher.model``; the tokenizer still comes from that folder."""
         hf_logging.disable_progress_bar()  # our own progress bar is on screen
         self.teacher = teacher
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,8 +34,9 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            teacher.model, dtype=pick_dtype(teacher.dtype, self.device)).to(self.device).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(teacher.model, dtype=pick_dtype(teacher.dtype, self.device))
+        self.model = model.to(self.device).eval()
         self.eos_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:

