@@ -88,7 +88,8 @@ def prepare_world(settings: ExperimentSettings) -> None:
 def _eval_cmd(settings: ExperimentSettings, model: Path, label: str, out: Path) -> list:
     data = [arg for level in LEVELS for arg in ("--data", settings.world / "prompts" / f"test_level{level}.parquet")]
     return _tool("ampo-train") + [
-        "eval", "--model", model, "--label", label, *data, "--k", ",".join(map(str, settings.ks)),
+        "eval", "--model", model, "--label", label, *data,
+        "--k", ",".join(str(k) for k in settings.ks if k <= settings.samples) or "1",
         "--samples", settings.samples, "--temperature", settings.temperature, "--max-tokens", _max_tokens(settings),
         "--greedy", "--out", out]
 
