@@ -65,7 +65,8 @@ def _experiment(settings, title: str) -> None:
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-def _settings(folder: Path, out: Optional[Path], arms: str, seeds: str, overrides: Optional[List[str]], samples: int):
+def _settings(folder: Path, out: Optional[Path], arms: str, seeds: str, overrides: Optional[List[str]], samples: int,
+              report: str = "results"):
     from ampo_cache.errors import InputError
     from tinyworld.experiment import ARMS, ExperimentSettings
 
@@ -78,7 +79,7 @@ def _settings(folder: Path, out: Optional[Path], arms: str, seeds: str, override
     except ValueError:
         raise InputError("--seeds", f"expected comma-separated integers like 0,1,2, got {seeds!r}") from None
     return ExperimentSettings(world=folder, out=out or folder / "experiment", arms=names, seeds=seed_list or [0],
-                              train_overrides=list(overrides or []), samples=samples,
+                              train_overrides=list(overrides or []), samples=samples, report=report,
                               echo=lambda line: console.print(f"[bold cyan]{line}[/bold cyan]", highlight=False))
 
 
@@ -103,9 +104,11 @@ def experiment(
     seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds; every arm runs every seed."),
     samples: int = typer.Option(16, min=1, help="Sampled answers per test problem."),
     out: Optional[Path] = typer.Option(None, help="Where runs, evaluations and figures go (default FOLDER/experiment)."),
+    report: str = typer.Option("results", help="File stem of the summary (REPORT.json, .md, -*.png), so several "
+                                               "summaries of one experiment folder sit side by side."),
     overrides: Optional[List[str]] = typer.Argument(None, help="train.yaml overrides for every arm, e.g. max_steps=100."),
 ):
     """Several seeds x several arms (the ablations), mean ± std over seeds; resumable."""
     with user_errors():
-        settings = _settings(folder, out, arms, seeds, overrides, samples)
+        settings = _settings(folder, out, arms, seeds, overrides, samples, report)
     _experiment(settings, f"tiny world, mean ± std over seeds {settings.seeds}")

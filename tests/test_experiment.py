@@ -32,7 +32,7 @@ def test_experiment_runs_summarises_and_resumes(tiny_world, tmp_path, capfd):
         assert [row["step"] for row in history] == [1, 2]
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| model | L1 avg@n") and len(table) == 2 + 3 and " ± " in table[3]
-    for png in ("learning_curves.png", "pass_at_k.png"):
+    for png in ("results-learning_curves.png", "results-pass_at_k.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
     # Everything exists: a second invocation trains and evaluates nothing again.

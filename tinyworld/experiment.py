@@ -19,12 +19,11 @@ PNGs (learning curves, pass@k curves).
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -53,8 +52,8 @@ class ExperimentSettings:
     ks: Sequence[int] = (1, 2, 4, 8, 16)
     temperature: float = 0.6
     world_seed: int = 0
+    report: str = "results"  # file stem of the summary: REPORT.json, REPORT.md, REPORT-*.png
     echo: Callable[[str], None] = print
-    extra_env: dict = field(default_factory=dict)
 
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.out / "runs" / arm / f"seed{seed}"
@@ -65,8 +64,7 @@ class ExperimentSettings:
 
 def _run(cmd: Sequence[str], settings: ExperimentSettings) -> None:
     settings.echo("$ " + shlex.join(str(c) for c in cmd))
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **settings.extra_env}
-    done = subprocess.run([str(c) for c in cmd], env=env)
+    done = subprocess.run([str(c) for c in cmd])
     if done.returncode:
         raise SystemExit(f"error: `{shlex.join(str(c) for c in cmd)}` failed with exit code {done.returncode}")
 
@@ -231,8 +229,9 @@ def write_outputs(settings: ExperimentSettings, summary: dict) -> dict[str, Path
     from ampo_train.evaluation.plots import plot_learning_curves, plot_pass_at_k
 
     out = settings.out
-    paths = {"json": out / "results.json", "markdown": out / "results.md",
-             "learning_curves": out / "learning_curves.png", "pass_at_k": out / "pass_at_k.png"}
+    stem = settings.report
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md",
+             "learning_curves": out / f"{stem}-learning_curves.png", "pass_at_k": out / f"{stem}-pass_at_k.png"}
     paths["json"].write_text(json.dumps(summary, indent=1) + "\n")
     paths["markdown"].write_text(markdown_table(summary))
     histories = {arm: _mean_history([read_history(settings.run_dir(arm, s)) for s in settings.seeds])
