@@ -81,6 +81,10 @@ class TransformersRollout:
             input_ids[i, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
             attention[i, width - len(ids):] = 1
         s = self.settings
+        # min_p = 0 filters nothing, yet transformers still adds a MinP warper for it (a softmax, a
+        # top-k and a scatter over the vocabulary at every generated token); pass it only to
+        # cancel a min_p the model's own generation config sets.
+        cancel = {"min_p": 0.0} if getattr(getattr(model, "generation_config", None), "min_p", None) else {}
         was_training = model.training
         model.eval()  # no dropout while sampling
         try:
@@ -94,7 +98,6 @@ class TransformersRollout:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 top_k=s.top_k,
-                min_p=0.0,
                 typical_p=1.0,
                 repetition_penalty=1.0,
                 no_repeat_ngram_size=0,
@@ -102,6 +105,7 @@ class TransformersRollout:
                 num_return_sequences=n,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_ids,
+                **cancel,
             )
         finally:
             model.train(was_training)
