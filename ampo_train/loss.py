@@ -237,7 +237,9 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) 
     Returns:
         ``[...]`` float32 log-probs.
     """
-    z = logits.float() / temperature
+    z = logits.float()
+    if temperature != 1.0:  # at 1 no [..., V] copy (the largest tensor of the loss)
+        z = z / temperature
     picked = z.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(z, dim=-1)
 

@@ -258,8 +258,12 @@ def micro_loss(model, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_to
     policy = aggregate(token.loss, mask, lc.aggregation, max_response_length=cfg.loss_length,
                        num_sequences=num_sequences, num_tokens=num_tokens)
     loss = policy
-    with torch.no_grad() if not lc.entropy_coef else contextlib.nullcontext():
-        entropy = torch.where(mask, token_entropy(logits, temperature), 0.0).sum() / max(local_tokens, 1)
+    if lc.entropy_coef:
+        per_token_entropy = token_entropy(logits, temperature)
+    else:  # only a metric: a few rows at a time, so no [N, R, V] temporaries beside the logits
+        with torch.no_grad():
+            per_token_entropy = torch.cat([token_entropy(part, temperature) for part in logits.detach().split(4)])
+    entropy = torch.where(mask, per_token_entropy, 0.0).sum() / max(local_tokens, 1)
     if lc.entropy_coef:
         loss = loss - lc.entropy_coef * entropy
     if lc.kl_coef:
