@@ -80,7 +80,7 @@ def _teacher(location: str, settings: EvalSettings, temperature: float, backend:
                                      max_tokens=settings.max_tokens))
 
 
-class _Sampler:
+class Sampler:
     """One model behind the generation backends, sampled and greedy."""
 
     def __init__(self, spec: ModelSpec, settings: EvalSettings, stack):
@@ -131,7 +131,7 @@ def _copy_tokenizer(source: str, target: str) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
 
 
-def sample_benchmark(sampler: _Sampler, items: Sequence[BenchItem], settings: EvalSettings, verifier: Verifier,
+def sample_benchmark(sampler: Sampler, items: Sequence[BenchItem], settings: EvalSettings, verifier: Verifier,
                      advance) -> list[ProblemResult]:
     per_call = max(1, settings.batch_sequences // settings.samples)
     results: list[ProblemResult] = []
@@ -167,7 +167,7 @@ def evaluate(specs: Sequence[ModelSpec], benchmarks: dict[str, list[BenchItem]],
         for spec in specs:
             task = progress.add_task(f"eval {spec.label}", total=total)
             with contextlib.ExitStack() as stack:
-                sampler = _Sampler(spec, settings, stack)
+                sampler = Sampler(spec, settings, stack)
                 try:
                     per_file = {name: sample_benchmark(sampler, items, settings, verifier,
                                                        lambda n, t=task: progress.advance(t, n))
