@@ -226,7 +226,7 @@ def _mean_report(label: str, result: dict) -> dict:
 
 
 def write_outputs(settings: ExperimentSettings, summary: dict) -> dict[str, Path]:
-    from ampo_train.evaluation.plots import plot_learning_curves, plot_pass_at_k
+    from ampo_train.evaluation.plots import palette, plot_learning_curves, plot_pass_at_k
 
     out = settings.out
     stem = settings.report
@@ -236,11 +236,12 @@ def write_outputs(settings: ExperimentSettings, summary: dict) -> dict[str, Path
     paths["markdown"].write_text(markdown_table(summary))
     histories = {arm: _mean_history([read_history(settings.run_dir(arm, s)) for s in settings.seeds])
                  for arm in settings.arms}
-    plot_learning_curves(histories, paths["learning_curves"])
     results = summary["results"]
+    colors = palette(list(results))  # the untrained student first: each arm keeps its colour in both figures
+    plot_learning_curves(histories, paths["learning_curves"], colors=colors)
     reports = [_mean_report(label, result) for label, result in results.items()]
     spread = {label: {bench: {k.split("@")[1]: (v["min"], v["max"]) for k, v in figs.items() if k.startswith("pass@")}
                       for bench, figs in result.items() if bench != "training"}
               for label, result in results.items() if len(settings.seeds) > 1}
-    plot_pass_at_k(reports, paths["pass_at_k"], spread=spread)
+    plot_pass_at_k(reports, paths["pass_at_k"], spread=spread, colors=colors)
     return paths
