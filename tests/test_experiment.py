@@ -17,7 +17,8 @@ def test_experiment_runs_summarises_and_resumes(tiny_world, tmp_path, capfd):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     printed = capfd.readouterr().out + result.output
-    assert printed.count("$ ") >= 3 + 4 + 4  # build, coverage, eval of the student; 4 runs; 4 evals
+    assert printed.count("$ ampo-train run --config") == 4 and printed.count("$ ampo-train eval") == 5
+    assert "$ ampo-cache coverage" in printed
 
     summary = json.loads((out / "results.json").read_text())
     assert summary["seeds"] == [0, 1] and list(summary["results"]) == ["student", "grpo", "ampo"]
@@ -39,7 +40,8 @@ def test_experiment_runs_summarises_and_resumes(tiny_world, tmp_path, capfd):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     rerun = capfd.readouterr().out + again.output
-    assert "ampo-train run" not in rerun and " eval " not in rerun
+    assert "$ ampo-cache build" in rerun  # (a no-op) ...
+    assert "ampo-train run" not in rerun and "ampo-train eval" not in rerun
 
 
 def test_experiment_rejects_unknown_arms(tiny_world, tmp_path):

@@ -62,31 +62,31 @@ class ExperimentSettings:
         return self.out / "eval" / (f"{label}.json" if seed is None else f"{label}-seed{seed}.json")
 
 
-def _run(cmd: Sequence[str], settings: ExperimentSettings) -> None:
-    settings.echo("$ " + shlex.join(str(c) for c in cmd))
-    done = subprocess.run([str(c) for c in cmd])
+_MODULES = {"ampo-cache": "cli.cache", "ampo-train": "cli.train"}
+
+
+def _run(cmd: Sequence, settings: ExperimentSettings) -> None:
+    """Print the command as a user would type it (``ampo-train run ...``), then run it with the
+    interpreter running us (so it works without the venv's scripts on PATH)."""
+    args = [str(c) for c in cmd]
+    settings.echo("$ " + shlex.join(args))
+    done = subprocess.run([sys.executable, "-m", _MODULES[args[0]], *args[1:]])
     if done.returncode:
-        raise SystemExit(f"error: `{shlex.join(str(c) for c in cmd)}` failed with exit code {done.returncode}")
-
-
-def _tool(name: str) -> list[str]:
-    """Our console scripts, run by the interpreter running us (works without the venv on PATH)."""
-    module = {"ampo-cache": "cli.cache", "ampo-train": "cli.train"}[name]
-    return [sys.executable, "-m", module]
+        raise SystemExit(f"error: `{shlex.join(args)}` failed with exit code {done.returncode}")
 
 
 def prepare_world(settings: ExperimentSettings) -> None:
     world = settings.world
     if not (world / "world.json").is_file():
-        _run(_tool("ampo-cache") + ["tiny-world", "build", world, "--seed", settings.world_seed], settings)
-    _run(_tool("ampo-cache") + ["build", "--teachers", world / "teachers.yaml"], settings)
-    _run(_tool("ampo-cache") + ["coverage", "--store", world / "store"], settings)
+        _run(["ampo-cache", "tiny-world", "build", world, "--seed", settings.world_seed], settings)
+    _run(["ampo-cache", "build", "--teachers", world / "teachers.yaml"], settings)
+    _run(["ampo-cache", "coverage", "--store", world / "store"], settings)
 
 
 def _eval_cmd(settings: ExperimentSettings, model: Path, label: str, out: Path) -> list:
     data = [arg for level in LEVELS for arg in ("--data", settings.world / "prompts" / f"test_level{level}.parquet")]
-    return _tool("ampo-train") + [
-        "eval", "--model", model, "--label", label, *data,
+    return [
+        "ampo-train", "eval", "--model", model, "--label", label, *data,
         "--k", ",".join(str(k) for k in settings.ks if k <= settings.samples) or "1",
         "--samples", settings.samples, "--temperature", settings.temperature, "--max-tokens", _max_tokens(settings),
         "--greedy", "--out", out]
@@ -109,7 +109,7 @@ def train_and_evaluate(settings: ExperimentSettings) -> None:
             run_dir = settings.run_dir(arm, seed)
             if not (run_dir / "final").is_dir():
                 overrides = [f"output_dir={run_dir}", f"seed={seed}", *settings.train_overrides, *ARMS[arm][0]]
-                _run(_tool("ampo-train") + ["run", "--config", settings.world / "train.yaml", *overrides], settings)
+                _run(["ampo-train", "run", "--config", settings.world / "train.yaml", *overrides], settings)
             result = settings.eval_file(arm, seed)
             if not result.is_file():
                 _run(_eval_cmd(settings, run_dir / "final", arm, result), settings)
