@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 
 import duckdb
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -32,12 +33,16 @@ def user_errors():
 
 
 def make_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence], keep_whole: int = 0) -> Table:
-    """``keep_whole``: the first columns (names) are never wrapped or cut; the others give way."""
-    table = Table(title=title, title_justify="left")
+    """``keep_whole``: the values of the first N columns are never cut (their headings may wrap)."""
+    rows = [["" if v is None else str(v) for v in row] for row in rows]
+    # Wide numeric tables drop the vertical rules (a column's worth of width on an 80-column terminal).
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD if keep_whole else box.HEAVY_HEAD,
+                  padding=(0, 1 if keep_whole else 1), pad_edge=not keep_whole, collapse_padding=bool(keep_whole))
     for i, name in enumerate(columns):
-        table.add_column(str(name), no_wrap=i < keep_whole)
+        widest = max((len(row[i]) for row in rows), default=0) if i < keep_whole else None
+        table.add_column(str(name), min_width=widest)
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*row)
     return table
 
 

@@ -54,14 +54,15 @@ def build(
 
 
 def _experiment(settings, title: str) -> None:
-    from tinyworld.experiment import prepare_world, summarise, table_rows, train_and_evaluate, write_outputs
+    from tinyworld.experiment import SHORT_LEGEND, prepare_world, summarise, table_rows, train_and_evaluate, write_outputs
 
     prepare_world(settings)
     train_and_evaluate(settings)
     summary = summarise(settings)
     paths = write_outputs(settings, summary)
-    headings, rows = table_rows(summary)
-    console.print(make_table(title, headings, rows, keep_whole=1))
+    headings, rows = table_rows(summary, short=True)
+    console.print(make_table(title, headings, rows, keep_whole=len(headings)))
+    console.print(SHORT_LEGEND, style="dim")
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

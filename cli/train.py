@@ -122,8 +122,9 @@ def print_eval_table(reports: list[dict]) -> None:
     ks = list(reports[0]["overall"]["pass@k"])
     greedy = reports[0]["overall"]["greedy"] is not None
     n = reports[0]["overall"]["samples"]
-    columns = ["model", "benchmark", "problems", f"avg@{n}"] + [f"pass@{k}" for k in ks] + \
-        (["greedy"] if greedy else []) + ["distinct correct"]
+    ks = [k for k in ks if k != "1"]  # pass@1 is avg@n exactly (the estimator at k = 1 is c / n)
+    columns = ["model", "benchmark", "n", f"avg@{n}"] + [f"pass@{k}" for k in ks] + \
+        (["greedy"] if greedy else []) + ["distinct"]
     rows = []
     for report in reports:
         parts = list(report["benchmarks"].items()) + ([("overall", report["overall"])] if len(report["benchmarks"]) > 1 else [])
@@ -132,7 +133,8 @@ def print_eval_table(reports: list[dict]) -> None:
                         [f"{s['pass@k'][k]:.3f}" for k in ks] + ([f"{s['greedy']:.3f}"] if greedy else []) +
                         [f"{s['distinct_correct']:.2f}"])
     console.print(make_table(f"evaluation: {n} samples per problem at temperature "
-                             f"{reports[0]['settings']['temperature']}", columns, rows, keep_whole=2))
+                             f"{reports[0]['settings']['temperature']} (pass@1 = avg@{n}; distinct: distinct correct solutions per "
+                             f"solved problem)", columns, rows, keep_whole=len(columns)))
 
 
 def _mean(rows: list[dict], key: str) -> str:

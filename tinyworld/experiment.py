@@ -180,15 +180,21 @@ def _cell(stats: dict | None, seeds: int) -> str:
     return f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f}" if seeds > 1 and stats["n"] > 1 else "")
 
 
-def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Headings and rows of the results table (mean ± std over seeds)."""
+SHORT_HEADINGS = ["L1", "L2", "L3", "L4", "L4 p@16", "all p@1", "all p@16", "dist.", "guided"]
+SHORT_LEGEND = ("L1-L4: avg@n per level; p@k: pass@k; dist.: distinct correct solutions per solved "
+                "problem; guided: guided fraction of prompts, first → last fifth of the steps")
+
+
+def table_rows(summary: dict, short: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Headings and rows of the results table (mean ± std over seeds); ``short`` headings fit a
+    terminal (see SHORT_LEGEND)."""
     seeds = len(summary["seeds"])
-    headings = ["model"] + [h for h, _, _ in TABLE_COLUMNS] + ["guided: first → last fifth"]
+    headings = ["model"] + (SHORT_HEADINGS if short else [h for h, _, _ in TABLE_COLUMNS] + ["guided: first → last fifth"])
     rows = []
     for label, result in summary["results"].items():
         cells = [_cell(result.get(bench, {}).get(fig), seeds) for _, bench, fig in TABLE_COLUMNS]
         training = result.get("training")
-        guided = (f"{training['guided_first_fifth']['mean']:.2f} → {training['guided_last_fifth']['mean']:.2f}"
+        guided = (f"{training['guided_first_fifth']['mean']:.2f}→{training['guided_last_fifth']['mean']:.2f}"
                   if training else "-")
         rows.append([label] + cells + [guided])
     return headings, rows
