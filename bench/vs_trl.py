@@ -301,26 +301,18 @@ def child_trl(spec: Spec, work: Path) -> dict:
 
     trainer = GRPOTrainer(model=cfg.student, reward_funcs=verifier_reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimer()])
-    generate_single_turn = trainer._generate_single_turn
+    def timed(fn, key):  # wrap one of TRL's phases, recording its seconds under `key`
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                record[key].append(time.perf_counter() - start)
+        return wrapper
 
-    def timed_generation(*a, **k):
-        start = time.perf_counter()
-        try:
-            return generate_single_turn(*a, **k)
-        finally:
-            record["generate_s"].append(time.perf_counter() - start)
-
-    trainer._generate_single_turn = timed_generation
-    calculate_rewards = trainer._calculate_rewards
-
-    def timed_rewards(*a, **k):  # the verifier call (ours' time/reward also holds the decoding, ~ms)
-        start = time.perf_counter()
-        try:
-            return calculate_rewards(*a, **k)
-        finally:
-            record["reward_s"].append(time.perf_counter() - start)
-
-    trainer._calculate_rewards = timed_rewards
+    trainer._generate_single_turn = timed(trainer._generate_single_turn, "generate_s")
+    # the verifier call (ours' time/reward also holds the decoding, ~ms)
+    trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward_s")
     warm_verifier()
     started = time.perf_counter()
     trainer.train()
