@@ -37,7 +37,7 @@ def make_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequenc
     rows = [["" if v is None else str(v) for v in row] for row in rows]
     # Wide numeric tables drop the vertical rules (a column's worth of width on an 80-column terminal).
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD if keep_whole else box.HEAVY_HEAD,
-                  padding=(0, 1 if keep_whole else 1), pad_edge=not keep_whole, collapse_padding=bool(keep_whole))
+                  pad_edge=not keep_whole, collapse_padding=bool(keep_whole))
     for i, name in enumerate(columns):
         widest = max((len(row[i]) for row in rows), default=0) if i < keep_whole else None
         table.add_column(str(name), min_width=widest)

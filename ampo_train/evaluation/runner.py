@@ -7,9 +7,10 @@ before sampling. Prompts are rendered with the model's chat template, as in trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -155,8 +156,6 @@ def sample_benchmark(sampler: Sampler, items: Sequence[BenchItem], settings: Eva
 def evaluate(specs: Sequence[ModelSpec], benchmarks: dict[str, list[BenchItem]], settings: EvalSettings,
              console=None) -> list[dict]:
     """One result per model: its settings, per-benchmark summaries and the pooled ``overall``."""
-    import contextlib
-
     if any(k > settings.samples for k in settings.ks):
         raise InputError("--k", f"every k must be <= --samples ({settings.samples}); got {settings.ks}")
     total = sum(len(items) for items in benchmarks.values())
@@ -176,7 +175,7 @@ def evaluate(specs: Sequence[ModelSpec], benchmarks: dict[str, list[BenchItem]],
                     sampler.close()
             reports.append({
                 "model": spec.label, "path": spec.model, "adapter": spec.adapter, "engine": sampler.engine,
-                "settings": {k: v for k, v in vars(settings).items()},
+                "settings": asdict(settings),
                 "benchmarks": {name: summarise(rs, settings.ks) for name, rs in per_file.items()},
                 "overall": summarise([r for rs in per_file.values() for r in rs], settings.ks),
             })
