@@ -40,7 +40,9 @@ class EvalSettings:
     backend: str = "transformers"  # transformers | vllm | auto
     batch_sequences: int = 512  # sequences per generate call (prompts x samples)
     verify_timeout: float = 5.0
-    verify_workers: int = 0  # 0 = in-process; plain-number answers never need the math-verify pool
+    # math-verify pool size (None = one per CPU), started only when an answer is not a plain number,
+    # so a pathological LaTeX answer times out instead of hanging the evaluation; 0 = in-process.
+    verify_workers: int | None = None
 
 
 @dataclass(frozen=True)
