@@ -194,7 +194,8 @@ def table_rows(summary: dict, short: bool = False) -> tuple[list[str], list[list
     for label, result in summary["results"].items():
         cells = [_cell(result.get(bench, {}).get(fig), seeds) for _, bench, fig in TABLE_COLUMNS]
         training = result.get("training")
-        guided = (f"{training['guided_first_fifth']['mean']:.2f}→{training['guided_last_fifth']['mean']:.2f}"
+        spec = ".0%" if short else ".2f"  # percentages keep the short table within 80 columns
+        guided = (f"{training['guided_first_fifth']['mean']:{spec}}→{training['guided_last_fifth']['mean']:{spec}}"
                   if training else "-")
         rows.append([label] + cells + [guided])
     return headings, rows
