@@ -51,6 +51,6 @@ def test_two_processes_train_different_prompts_in_sync(tmp_path):
     assert all(m["guidance/prompts"] == 4 for m in lines)  # metrics gathered from both ranks
     assert done.stdout.count("step 1/2") == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
-    rng = __import__("torch").load(out / "checkpoints" / "step-000002" / "rng.pt", weights_only=False)
+    rng = json.loads((out / "checkpoints" / "step-000002" / "rng.json").read_text())
     assert len(rng) == 2  # both ranks' RNG states, written by rank 0
     assert (out / "final" / "adapter_model.safetensors").is_file()
