@@ -94,9 +94,12 @@ def import_traces(
     path = Path(path)
     if trust_labels and layout.label is None:
         raise InputError("--trust-labels", "needs --label-col naming the column that holds the labels")
+    TraceStore.check_location(store_root)  # before reading the file: a wrong --store fails at once
     existing = TraceStore.open(store_root) if TraceStore.exists(store_root) else None
     stored_answers = _stored_answers(existing) if existing else {}
     total = check_file(path, layout, stored_answers)
+    if total == 0:
+        raise InputError(str(path), "no traces in the file (empty); nothing to import")
     if on_start:
         on_start(total)
     store = TraceStore.create_or_open(store_root)

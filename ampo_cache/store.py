@@ -109,12 +109,23 @@ class TraceStore:
         store.check_shards()
         return store
 
+    @staticmethod
+    def check_location(root: str | Path) -> None:
+        """Fail in one line, before any work, when no store can be opened or created at ``root``."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise InputError(str(root), "is a file; expected a store directory")
+        blocker = next((p for p in root.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise InputError(str(root), f"{blocker} is a file, not a folder")
+        if root.is_dir() and not (root / "store.json").is_file() and any(root.iterdir()):
+            raise InputError(str(root), "exists, is not empty and is not a trace store")
+
     @classmethod
     def create_or_open(cls, root: str | Path) -> "TraceStore":
+        cls.check_location(root)
         store = cls(Path(root))
         if not (store.root / "store.json").is_file():
-            if store.root.exists() and any(store.root.iterdir()):
-                raise InputError(str(root), "exists, is not empty and is not a trace store")
             store._create()
         store.check_shards()
         store._remove_stale_temporaries()

@@ -62,7 +62,10 @@ def load_yaml_model(path: str | Path, model: type[Model], **context) -> Model:
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), "no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(str(path), f"not UTF-8 text (byte {exc.start}); expected a YAML file") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

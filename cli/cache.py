@@ -9,16 +9,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import duckdb
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ampo_cache.build import TeacherPlan, load_build_prompts, parse_shard, plan_build, run_build
 from ampo_cache.coverage import coverage_report
+from ampo_cache.errors import InputError
 from ampo_cache.export import FORMATS as EXPORT_FORMATS
 from ampo_cache.export import export as export_store
 from ampo_cache.importer import import_traces
 from ampo_cache.layouts import LAYOUTS, resolve_layout
 from ampo_cache.merge import PREFER, merge as merge_stores
+from ampo_cache.schema import TABLES
 from ampo_cache.store import TraceStore
 from ampo_cache.teachers import load_build_config
 from ampo_cache.verify import Verifier
@@ -29,6 +32,17 @@ app = typer.Typer(help="Build, import, inspect and query the teacher-trace store
                   add_completion=False)
 
 StoreOpt = typer.Option(..., "--store", help="Store directory.")
+
+
+def check_output_file(path: Optional[Path], option: str) -> None:
+    """An output file must be writable where asked: checked before the work, so it fails in one line."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{option} {path}", "is a directory; expected a file name")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"{option} {path}", f"{blocker} is a file, not a folder")
 
 
 def _names(value: Optional[str]) -> Optional[list[str]]:
@@ -99,6 +113,7 @@ def export(
 ):
     """Write the store's traces for other trainers (verl layout) or as one row per trace (long)."""
     with user_errors():
+        check_output_file(out, "--out")
         summary = export_store(store, out, fmt, only_correct=only_correct, max_per_prompt=max_per_prompt,
                                teachers=_names(teachers), where=where)
     console.print(make_table(f"export {store} -> {out} ({fmt})", ["", "count"],
@@ -152,6 +167,7 @@ def build(
         config = load_build_config(teachers)
         if store is not None:
             config.store = store
+        TraceStore.check_location(config.store)
         prompts = load_build_prompts(config, parse_shard(shard), limit)
         plans = plan_build(config, prompts)
     console.print(make_table(
@@ -200,18 +216,53 @@ def coverage(
         print_coverage(report)
 
 
+def read_only_connection(store: TraceStore) -> duckdb.DuckDBPyConnection:
+    """The store's views in an in-memory DuckDB that can read the store's shard folders and nothing else.
+
+    ``enable_external_access = false`` with ``allowed_directories`` = the shard folders stops every
+    file access outside them (COPY TO elsewhere, ATTACH, EXPORT, INSTALL, reading other files);
+    ``lock_configuration`` stops a query from switching that back. DuckDB would still let COPY TO
+    write *into* an allowed folder, and an in-memory database accepts CREATE, so ``check_read_only``
+    also admits only SELECT statements. The store's own catalog.duckdb is never opened for writing:
+    the views are rebuilt in memory from the store's current path (so a moved store still works).
+    """
+    con = store.connect()
+    folders = ", ".join("'" + str(store.root / table).replace("'", "''") + "/'" for table in TABLES)
+    con.execute(f"SET allowed_directories = [{folders}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Only queries (SELECT, FROM ..., WITH, DESCRIBE, SUMMARIZE, SHOW: DuckDB parses them all as SELECT)."""
+    for statement in con.extract_statements(query):
+        if statement.type != duckdb.StatementType.SELECT:
+            raise InputError("sql", f"{statement.type.name} statements are not run: `ampo-cache sql` only reads the store "
+                                    "(--allow-writes runs COPY ... TO and the like)")
+
+
 @app.command()
 def sql(
     query: str = typer.Argument(..., help="A DuckDB query over the views prompts, traces, coverage, prompt_coverage."),
     store: Path = StoreOpt,
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="Also run statements that write files "
+                                      "(COPY ... TO, EXPORT DATABASE) or read files outside the store."),
 ):
-    """Run a DuckDB query over the store."""
-    if fmt not in ("table", "csv", "json"):
-        raise typer.BadParameter("expected table, csv or json", param_hint="--format")
+    """Run a read-only DuckDB query over the store (SELECT only; --allow-writes for COPY ... TO)."""
     with user_errors():
-        with TraceStore.open(store).connect() as con:
-            result = con.execute(query)
+        if fmt not in ("table", "csv", "json"):
+            raise InputError("--format", f"expected table, csv or json, got {fmt!r}")
+        opened = TraceStore.open(store)
+        with (opened.connect() if allow_writes else read_only_connection(opened)) as con:
+            if not allow_writes:
+                check_read_only(con, query)
+            try:
+                result = con.execute(query)
+            except duckdb.PermissionException as exc:
+                raise InputError("sql", f"{str(exc).splitlines()[0]} (`ampo-cache sql` reads only the store's "
+                                        "files; --allow-writes lifts this)") from None
             columns = [d[0] for d in result.description] if result.description else []
             rows = result.fetchall()
     if fmt == "table":

@@ -40,10 +40,14 @@ def build(
     size: str = typer.Option("full", help="full (the demo, ~10 min on 2 cores) | small (for tests, < 1 min)."),
 ):
     """Build problems, tokenizer, four teachers and a student; print their accuracy per level."""
+    from ampo_cache.errors import InputError
     from tinyworld.build import SIZES, build_world, total_units
 
-    if size not in SIZES:
-        raise typer.BadParameter(f"expected one of {', '.join(SIZES)}", param_hint="--size")
+    with user_errors():
+        if size not in SIZES:
+            raise InputError("--size", f"expected one of {', '.join(SIZES)}, got {size!r}")
+        if folder.exists() and not folder.is_dir():
+            raise InputError(str(folder), "is a file; expected a folder to build the tiny world in")
     with user_errors(), Progress(TextColumn("[bold]tiny world[/bold] {task.fields[stage]:<9}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("build", total=total_units(size), stage="")

@@ -1,7 +1,9 @@
 """`ampo-train eval` end to end on the small tiny world: real models, real sampling, real verifier."""
 
 import json
+from pathlib import Path
 
+import pytest
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
@@ -56,3 +58,62 @@ def test_eval_errors_are_one_line(tiny_world, tmp_path):
 
     result = run_train_cli(*_eval_args(tiny_world, "--model", tiny_world.student, "--adapter", tmp_path))
     assert result.exit_code == 2 and "not a LoRA adapter folder" in result.output
+
+
+# The README's query (the problems a model never solves), with the file name filled in.
+NEVER_SOLVED = """
+SELECT model, benchmark, problem_idx, problem, answers
+FROM '{log}'
+WHERE NOT greedy
+GROUP BY ALL
+HAVING NOT bool_or(correct)
+ORDER BY model, benchmark, problem_idx;
+"""
+
+
+def test_log_samples_writes_one_row_per_answer_queryable_with_duckdb(tiny_world, tmp_path):
+    import duckdb
+
+    log, out = tmp_path / "logs" / "samples.parquet", tmp_path / "r.json"
+    result = run_train_cli(*_eval_args(tiny_world, "--model", tiny_world.student, "--greedy", "--out", out,
+                                       "--log-samples", log))
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in log.parent.iterdir()] == ["samples.parquet"]  # written atomically: no temporary left
+    [report] = json.loads(out.read_text())
+    problems = tiny_world.summary["test_prompts"]
+    con = duckdb.connect()
+    rows = con.sql(f"SELECT benchmark, greedy, count(*), count(DISTINCT problem_idx), avg(correct::INT), "
+                   f"bool_and(correct = (verify_status = 'correct')), bool_and(len(answers) = 1), "
+                   f"bool_and(sample_idx < 2), bool_and(temperature = CASE WHEN greedy THEN 0 ELSE 0.6 END) "
+                   f"FROM '{log}' GROUP BY ALL ORDER BY ALL").fetchall()
+    for benchmark, greedy, count, distinct, accuracy, consistent, one_answer, indices, temperature in rows:
+        level = benchmark.removeprefix("test_level")
+        assert distinct == problems[level] and count == problems[level] * (1 if greedy else 2)
+        summary = report["benchmarks"][benchmark]
+        assert accuracy == pytest.approx(summary["greedy"] if greedy else summary["avg@n"])
+        assert consistent and one_answer and indices and temperature
+    assert len(rows) == 4  # two benchmarks x (samples, greedy)
+    # the README's query: problems the model never solves = problems minus those pass@n counts as solved
+    never = con.sql(NEVER_SOLVED.format(log=log)).fetchall()
+    solved = sum(round(s["pass@k"]["2"] * s["problems"]) for s in report["benchmarks"].values())
+    assert len(never) == sum(problems[lv] for lv in ("1", "4")) - solved
+    assert all(model == "student" and isinstance(answers, list) for model, _, _, _, answers in never)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert NEVER_SOLVED.format(log="samples.parquet").strip() in readme  # the documented query is this one
+
+
+def test_log_samples_needs_a_parquet_name_before_any_sampling(tiny_world, tmp_path):
+    result = run_train_cli(*_eval_args(tiny_world, "--model", tiny_world.student, "--log-samples", tmp_path / "s.csv"))
+    assert result.exit_code == 2 and "s.csv: the sample log is a Parquet file" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hub_id_is_taken_on_trust_and_an_unreachable_hub_is_one_line(tiny_world, tmp_path):
+    from ampo_train.evaluation.runner import ModelSpec
+
+    assert ModelSpec.parse("Qwen/Qwen2.5-1.5B-Instruct").model == "Qwen/Qwen2.5-1.5B-Instruct"  # not checked locally
+    # HF_HUB_OFFLINE=1 (conftest): the hub cannot provide it, which is one line, not a traceback
+    result = run_train_cli("eval", "--model", "ampo-no-such-org/no-such-model", "--data", tiny_world.test_prompts(1))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: ampo-no-such-org/no-such-model: cannot load the tokenizer")

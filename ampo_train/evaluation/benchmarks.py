@@ -1,4 +1,4 @@
-"""Benchmark files in the layouts they are usually published in, read as (problem, answer) pairs.
+"""Benchmark files in the layouts they are published in, read as (problem, accepted answers) pairs.
 
 A row's problem is the first of ``problem``, ``question``, ``prompt`` (text, or a chat-message list:
 the content of its last user turn, as in verl files). Its ground truth is the first of ``answer``,
@@ -6,10 +6,24 @@ the content of its last user turn, as in verl files). Its ground truth is the fi
 which the final answer is read: after ``####`` (GSM8K) or in the last ``\\boxed{}`` (MATH).
 ``--problem-col``/``--answer-col`` name other columns. The layout is decided on the first row; a
 file it does not fit fails with one line listing the columns found.
+
+The ground truth is read the way each publication writes it, so a downloaded file needs no
+rewriting:
+
+- a worked solution ending in ``#### x`` (GSM8K's ``answer`` column) yields ``x``;
+- a list (OlympiadBench's ``final_answer: ["$2$"]``) yields its elements: a problem may have
+  several accepted answers, and a response is correct when it matches ANY of them;
+- a number (AMC's ``answer: 27.0``) becomes text without a spurious ``.0`` (``"27"``); the
+  verifier compares plain numbers as decimals anyway, so ``27.0`` would also match ``\\boxed{27}``;
+- ``$...$`` around an answer (``"$2$"``) is stripped: it is markup, not part of the value.
+
+Every other text (``\\frac{14}{3}``, ``(1, 2]``) is kept as written and judged by the verifier.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +36,23 @@ PROBLEM_COLUMNS = ("problem", "question", "prompt")
 ANSWER_COLUMNS = ("answer", "final_answer", "gt", "ground_truth")
 EXPECTED = (f"a problem column ({' | '.join(PROBLEM_COLUMNS)}) and an answer column "
             f"({' | '.join(ANSWER_COLUMNS)} | reward_model.ground_truth | a solution with '#### x' or \\boxed{{x}})")
+_DOLLARS = re.compile(r"^\$+(.*?)\$+$", re.DOTALL)
 
 
 @dataclass(frozen=True)
 class BenchItem:
+    """One problem and the answers accepted for it (usually one; any of them counts as correct)."""
+
     problem: str
-    answer: str
+    answers: tuple[str, ...]
+
+    def __post_init__(self):
+        if isinstance(self.answers, str):  # BenchItem("1+1?", "2"): a single answer
+            object.__setattr__(self, "answers", (self.answers,))
+        else:
+            object.__setattr__(self, "answers", tuple(self.answers))
+        if not self.answers:
+            raise ValueError("a benchmark problem needs at least one accepted answer")
 
 
 def _problem(where: str, record: dict, name: str) -> str:
@@ -37,16 +62,53 @@ def _problem(where: str, record: dict, name: str) -> str:
     return text_field(where, value, name)
 
 
-def _answer(where: str, record: dict, name: str) -> str:
+def number_text(value: int | float) -> str:
+    """A number as an answer: ``27.0`` -> ``"27"`` (integral floats lose the ``.0``), ``0.5`` -> ``"0.5"``."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
+        if value.is_integer():
+            return str(int(value))
+        return repr(value)
+    return str(value)
+
+
+def answer_text(where: str, value, name: str) -> str:
+    """One published answer as the text the verifier compares: GSM8K's ``#### x`` and ``$x$`` unwrapped."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return number_text(value)
+        except ValueError as exc:
+            raise InputError(where, f"column {name!r}: {exc}") from None
+    text = text_field(where, value, name).strip()
+    if "####" in text:  # a worked solution ending in '#### x' (GSM8K): x is the answer
+        tail = text.rsplit("####", 1)[1].strip()
+        text = tail.splitlines()[0].strip() if tail else ""
+    if (match := _DOLLARS.match(text)) is not None:
+        text = match.group(1).strip()
+    if not text:
+        raise InputError(where, f"empty {name!r} (nothing after '####' or inside '$...$')")
+    return text
+
+
+def _answers(where: str, record: dict, name: str) -> tuple[str, ...]:
+    """The accepted answers of a row: one, or each element of a list-valued answer."""
     if name == "reward_model.ground_truth":
-        return text_field(where, (record.get("reward_model") or {}).get("ground_truth"), name).strip()
-    if name == "solution":
+        value = (record.get("reward_model") or {}).get("ground_truth")
+    elif name == "solution":
         solution = text_field(where, record[name], name)
         answer = extract_answer(solution) if ("####" in solution or "\\boxed" in solution) else None
         if answer is None:
             raise InputError(where, "column 'solution' has no final answer ('#### x' or \\boxed{x})")
-        return answer
-    return text_field(where, record[name], name).strip()
+        return (answer,)
+    else:
+        value = record[name]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InputError(where, f"column {name!r} is an empty list; expected at least one answer")
+        answers = tuple(answer_text(where, v, f"{name}[{i}]") for i, v in enumerate(value))
+        return tuple(dict.fromkeys(answers))  # the same answer twice is one accepted answer
+    return (answer_text(where, value, name),)
 
 
 def _pick(record: dict, problem_col: str | None, answer_col: str | None) -> tuple[str | None, str | None]:
@@ -78,7 +140,7 @@ def load_benchmark(path: str | Path, problem_col: str | None = None, answer_col:
         if columns[0] not in record or (columns[1] not in record and "." not in columns[1]):
             raise InputError(where, f"missing column {columns[0] if columns[0] not in record else columns[1]!r} "
                                     f"(columns found: {', '.join(map(str, record))})")
-        items.append(BenchItem(_problem(where, record, columns[0]), _answer(where, record, columns[1])))
+        items.append(BenchItem(_problem(where, record, columns[0]), _answers(where, record, columns[1])))
     if not items:
         raise InputError(str(path), "no problems in the file")
     return items
