@@ -1,0 +1,324 @@
+"""The chunked LM-head path against the plain one (full logits through ``loss.token_logprobs``
+and ``loss.token_entropy``): values and gradients, a hand-worked case, and bounded memory."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from ampo_train.lm_head import _row_blocks, chunked_logprobs, effective_chunk_size
+from ampo_train.loss import token_entropy, token_logprobs
+
+LN2 = math.log(2.0)
+
+
+def _run_both(head, hidden, targets, temperature, chunk_size, with_entropy, params, mask=None):
+    """Values and gradients (w.r.t. hidden and ``params``) of a loss mixing both outputs with
+    random per-token weights, through the chunked path and through the plain full-logits one."""
+    gen = torch.Generator().manual_seed(1)
+    w_lp = torch.randn(targets.shape, generator=gen)
+    w_ent = torch.randn(targets.shape, generator=gen)
+    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask
+
+    def grads_of(lp, ent):
+        loss = (torch.where(keep, lp, 0.0) * w_lp).sum()
+        if ent is not None:
+            loss = loss + (torch.where(keep, ent, 0.0) * w_ent).sum()
+        return torch.autograd.grad(loss, [hidden, *params])
+
+    out = chunked_logprobs(hidden, head, targets, temperature, chunk_size=chunk_size, with_entropy=with_entropy,
+                           mask=mask, min_chunk_elements=0)
+    lp, ent = out if with_entropy else (out, None)
+    chunked = (lp, ent, grads_of(lp, ent))
+
+    logits = head(hidden)
+    lp = token_logprobs(logits, targets, temperature)
+    ent = token_entropy(logits, temperature) if with_entropy else None
+    plain = (lp, ent, grads_of(lp, ent))
+    return chunked, plain
+
+
+def _assert_same(chunked, plain, mask=None):
+    (lp, ent, grads), (lp0, ent0, grads0) = chunked, plain
+    assert lp.dtype == torch.float32 and lp.shape == lp0.shape
+    if mask is not None:  # positions left out read 0
+        assert bool((lp[~mask] == 0).all())
+        lp0 = torch.where(mask, lp0, 0.0)
+        ent0 = None if ent0 is None else torch.where(mask, ent0, 0.0)
+    assert_close(lp, lp0, rtol=1e-5, atol=1e-5)
+    if ent0 is not None:
+        assert ent.dtype == torch.float32
+        assert_close(ent, ent0, rtol=1e-5, atol=1e-5)
+    for g, g0 in zip(grads, grads0):
+        assert_close(g, g0, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- worked by hand
+
+def _hand_case(bias: bool):
+    # V = 3, H = 2, one position, target 0. Head weight W = [[ln2, 0], [0, 1], [0, -1]], hidden
+    # h = [1, 0]: logits = W h (+ b) = [ln2, 0, 0] (with b = [0.5, 0.5, 0.5], [ln2 + .5, .5, .5]:
+    # a constant shift that changes nothing below).
+    weight = torch.tensor([[LN2, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    head = nn.Linear(2, 3, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias:
+            head.bias.fill_(0.5)
+    hidden = torch.tensor([[[1.0, 0.0]]], requires_grad=True)
+    return head, hidden, torch.tensor([[0]])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients_by_hand(bias):
+    # p = softmax([ln2, 0, 0]) = [2, 1, 1] / 4 = [0.5, 0.25, 0.25]
+    # logp(target 0) = ln 0.5 = -ln2
+    # H = -sum p ln p = 0.5 ln2 + 2 * 0.25 * ln4 = 1.5 ln2
+    # d logp / d logits = onehot - p = [0.5, -0.25, -0.25]
+    # d H / d logits = p * (E[z] - z), E[z] = 0.5 ln2:  [-0.25 ln2, 0.125 ln2, 0.125 ln2]
+    # Loss = logp + H: g = [0.5 - 0.25 ln2, -0.25 + 0.125 ln2, -0.25 + 0.125 ln2]
+    #   d / d h = W^T g = [ln2 * g0, g1 - g2] = [ln2 (0.5 - 0.25 ln2), 0]
+    #   d / d W = g h^T = [[g0, 0], [g1, 0], [g2, 0]];  d / d b = g
+    head, hidden, targets = _hand_case(bias)
+    lp, ent = chunked_logprobs(hidden, head, targets, with_entropy=True, chunk_size=1, min_chunk_elements=0)
+    assert_close(lp, torch.tensor([[-LN2]]))
+    assert_close(ent, torch.tensor([[1.5 * LN2]]))
+    (lp + ent).sum().backward()
+    g = torch.tensor([0.5 - 0.25 * LN2, -0.25 + 0.125 * LN2, -0.25 + 0.125 * LN2])
+    assert_close(hidden.grad, torch.tensor([[[LN2 * g[0].item(), 0.0]]]))
+    assert_close(head.weight.grad, torch.stack([g, torch.zeros(3)], dim=1))
+    if bias:
+        assert_close(head.bias.grad, g)
+
+
+def test_temperature_by_hand():
+    # Same head at T = 0.5 with logits [ln2 / 2, 0, 0] (weight halved): z = logits / T = [ln2, 0, 0],
+    # so the same p, logp and H as above; d / d logits = (d / d z) / T, twice the z-gradient:
+    # logp only: d logp / d logits = 2 * [0.5, -0.25, -0.25] = [1, -0.5, -0.5],
+    # d / d h = W^T [1, -0.5, -0.5] = [ln2 / 2 * 1, -0.5 + 0.5] = [ln2 / 2, 0]
+    head, hidden, targets = _hand_case(False)
+    with torch.no_grad():
+        head.weight[0, 0] = LN2 / 2
+    lp, ent = chunked_logprobs(hidden, head, targets, temperature=0.5, with_entropy=True, min_chunk_elements=0)
+    assert_close(lp, torch.tensor([[-LN2]]))
+    assert_close(ent, torch.tensor([[1.5 * LN2]]))
+    lp.sum().backward()
+    assert_close(hidden.grad, torch.tensor([[[LN2 / 2, 0.0]]]))
+    assert_close(head.weight.grad[:, 0], torch.tensor([1.0, -0.5, -0.5]))
+
+
+# ---------------------------------------------------------------- against the plain path
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [4, 64])  # 4 does not divide N*T = 15; 64 > N*T
+def test_matches_plain_path(temperature, with_entropy, bias, chunk_size):
+    torch.manual_seed(0)
+    n, t, h, v = 3, 5, 8, 37
+    head = nn.Linear(h, v, bias=bias)
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    targets = torch.randint(0, v, (n, t))
+    params = list(head.parameters())
+    _assert_same(*_run_both(head, hidden, targets, temperature, chunk_size, with_entropy, params))
+
+
+def test_tied_head_gets_both_gradients():
+    # The head shares its weight with the input embedding (tie_word_embeddings): the gradient that
+    # reaches the shared parameter through the chunked head must equal the plain path's, and the
+    # embedding's own contribution must add to it, as autograd does for any shared parameter.
+    torch.manual_seed(0)
+    v, h = 29, 6
+    embed = nn.Embedding(v, h)
+    head = nn.Linear(h, v, bias=False)
+    head.weight = embed.weight
+    ids = torch.randint(0, v, (2, 7))
+    targets = torch.randint(0, v, (2, 7))
+    results = []
+    for chunked in (True, False):
+        embed.zero_grad()
+        hidden = torch.tanh(embed(ids))  # a stand-in for the model body
+        if chunked:
+            lp, ent = chunked_logprobs(hidden, head, targets, 0.7, chunk_size=3, with_entropy=True,
+                                       min_chunk_elements=0)
+        else:
+            logits = head(hidden)
+            lp, ent = token_logprobs(logits, targets, 0.7), token_entropy(logits, 0.7)
+        (lp.sum() - 0.1 * ent.sum()).backward()
+        results.append((lp.detach(), embed.weight.grad.clone()))
+    assert_close(results[0][0], results[1][0])
+    assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+def _lora_head(h, v, dropout=0.0):
+    peft = pytest.importorskip("peft")
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(h, v, bias=False)
+
+    model = peft.get_peft_model(Holder(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["head"],
+                                                          lora_dropout=dropout, init_lora_weights=False))
+    return model.base_model.model.head  # a peft LoRA Linear: base frozen, adapter trainable
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_lora_head_gradients_reach_the_adapter(with_entropy):
+    torch.manual_seed(0)
+    n, t, h, v = 2, 6, 8, 23
+    head = _lora_head(h, v)
+    params = [p for p in head.parameters() if p.requires_grad]
+    assert len(params) == 2  # lora_A and lora_B; the base weight is frozen
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    targets = torch.randint(0, v, (n, t))
+    chunked, plain = _run_both(head, hidden, targets, 0.7, 5, with_entropy, params)
+    _assert_same(chunked, plain)
+    assert all(bool(g.abs().sum() > 0) for g in chunked[2])
+
+
+def test_lora_dropout_is_replayed_when_the_chunk_is_recomputed():
+    # With LoRA dropout the backward recomputes the chunk's logits: it must draw the same dropout
+    # mask as the forward did. One chunk covering every position draws exactly the plain path's
+    # mask from the same seed, so values and gradients must match the plain path.
+    n, t, h, v = 2, 5, 8, 19
+    torch.manual_seed(0)
+    head = _lora_head(h, v, dropout=0.5)
+    head.train()
+    params = [p for p in head.parameters() if p.requires_grad]
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    targets = torch.randint(0, v, (n, t))
+
+    def run(chunked):
+        torch.manual_seed(123)
+        if chunked:
+            lp = chunked_logprobs(hidden, head, targets, chunk_size=n * t, min_chunk_elements=0)
+        else:
+            lp = token_logprobs(head(hidden), targets)
+        return lp, torch.autograd.grad(lp.sum(), [hidden, *params])
+
+    lp, grads = run(True)
+    lp0, grads0 = run(False)
+    assert_close(lp, lp0)
+    for g, g0 in zip(grads, grads0):
+        assert_close(g, g0, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_skips_positions_and_matches_elsewhere():
+    torch.manual_seed(0)
+    n, t, h, v = 3, 6, 8, 17
+    head = nn.Linear(h, v)
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    targets = torch.randint(0, v, (n, t))
+    lengths = torch.tensor([6, 2, 4])  # right-padded responses
+    mask = torch.arange(t) < lengths.unsqueeze(-1)
+    calls = []
+    counting = lambda x: (calls.append(x.shape[:-1].numel()), head(x))[1]  # noqa: E731
+    chunked, plain = _run_both(counting, hidden, targets, 0.7, 4, True, list(head.parameters()), mask=mask)
+    _assert_same(chunked, plain, mask=mask)
+    assert bool((chunked[1][~mask] == 0).all())
+    assert bool((chunked[2][0][~mask] == 0).all())  # no gradient to padding hidden states
+    # 12 real positions in chunks of 4 (forward; the backward recomputes 3 more), then the plain
+    # path's one call over all 18.
+    assert calls == [4, 4, 4, 4, 4, 4, 18]
+
+
+def test_empty_mask_still_backpropagates():
+    head = nn.Linear(4, 5)
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    lp = chunked_logprobs(hidden, head, torch.zeros(2, 3, dtype=torch.long), mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert lp.shape == (2, 3) and bool((lp == 0).all())
+    lp.sum().backward()
+    assert bool((hidden.grad == 0).all())
+
+
+def test_no_grad_path_matches_and_records_nothing():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 13)
+    hidden = torch.randn(4, 5, 8)
+    targets = torch.randint(0, 13, (4, 5))
+    with torch.no_grad():
+        lp, ent = chunked_logprobs(hidden, head, targets, 0.7, chunk_size=3, with_entropy=True, min_chunk_elements=0)
+        logits = head(hidden)
+    assert not lp.requires_grad
+    assert_close(lp, token_logprobs(logits, targets, 0.7))
+    assert_close(ent, token_entropy(logits, 0.7))
+
+
+def test_bfloat16_head_matches_plain_path():
+    # A bf16 model: logits come out in bf16 and the log-probs are still computed in float32;
+    # the gradient reaching the bf16 logits is in bf16, as on the plain path.
+    torch.manual_seed(0)
+    head = nn.Linear(8, 31).to(torch.bfloat16)
+    hidden = torch.randn(2, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 31, (2, 5))
+    chunked, plain = _run_both(head, hidden, targets, 1.0, 3, True, list(head.parameters()))
+    assert chunked[0].dtype == torch.float32
+    assert_close(chunked[0], plain[0])
+    assert_close(chunked[1], plain[1])
+    for g, g0 in zip(chunked[2], plain[2]):
+        assert g.dtype == torch.bfloat16
+        assert_close(g.float(), g0.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_rejects_bad_arguments():
+    head = nn.Linear(4, 5)
+    hidden = torch.randn(2, 3, 4)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError):
+        chunked_logprobs(hidden, head, targets, temperature=0.0)
+    with pytest.raises(ValueError):
+        chunked_logprobs(hidden, head, targets, chunk_size=0)
+    with pytest.raises(ValueError):
+        chunked_logprobs(hidden, head, torch.zeros(2, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- memory
+
+def test_effective_chunk_size_floor_on_cpu_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert effective_chunk_size(256, 151936, cpu) == 256  # 256 * V = 39M logits > 2**24
+    assert effective_chunk_size(256, 32000, cpu) == 525  # ceil(2**24 / 32000)
+    assert effective_chunk_size(256, 32000, gpu) == 256
+    assert effective_chunk_size(256, 32000, cpu, min_chunk_elements=0) == 256
+    assert effective_chunk_size(256, None, cpu) == 256  # vocabulary unknown: no floor
+
+
+def test_row_blocks_cover_rows_in_equal_large_blocks():
+    # 256 rows x 151,936 = 38.9M elements -> 3 blocks of ~13M (between 8.65M and 16.8M)
+    blocks = _row_blocks(256, 151936)
+    assert [(b.start, min(b.stop, 256)) for b in blocks] == [(0, 86), (86, 172), (172, 256)]
+    assert _row_blocks(10, 11) == [slice(0, 10)]  # small: one block
+    assert _row_blocks(0, 11) == []
+
+
+def test_logits_are_not_kept_for_backward():
+    # What autograd keeps between forward and backward, seen through saved-tensor hooks: the plain
+    # path keeps [N, T, V]-sized tensors; the chunked path keeps nothing of vocabulary size
+    # (checkpointing keeps each chunk's inputs and re-creates its logits in the backward). The
+    # peak RSS itself is measured by bench/lm_head_memory.py (too slow for a unit test: showing a
+    # bound well under the full logits takes logits far larger than a chunk).
+    torch.manual_seed(0)
+    n, t, h, v = 2, 32, 8, 1000
+    head = nn.Linear(h, v)
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    targets = torch.randint(0, v, (n, t))
+
+    def largest_saved(fn):
+        sizes = []
+
+        def pack(x):
+            sizes.append(x.numel())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = fn()
+        return out, max(sizes, default=0)
+
+    _, plain = largest_saved(lambda: token_entropy(head(hidden)) + token_logprobs(head(hidden), targets))
+    _, chunked = largest_saved(lambda: chunked_logprobs(hidden, head, targets, chunk_size=16, with_entropy=True,
+                                                        min_chunk_elements=0))
+    assert plain >= n * t * v
+    assert chunked < v  # nothing of vocabulary size at all
