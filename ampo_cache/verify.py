@@ -4,7 +4,7 @@ One verifier serves the whole project (import, build, trainer rewards, eval), so
 the same way everywhere.
 
 Extraction, first match wins:
-  1. the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced;
+  1. the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), read by ``ampo_cache.boxed``;
   2. the text after the last "the answer is" (case-insensitive), up to the end of its line;
   3. the text after the last ``####``;
   4. the text after the last line starting ``A:``;
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Sequence
 
+from ampo_cache.boxed import last_boxed_content
+
 STATUSES = ("correct", "wrong", "no_answer", "timeout", "error")
 
 
@@ -44,23 +46,10 @@ class Verdict:
 
 # ---------------------------------------------------------------- extraction
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS_RE = re.compile(r"the (?:final )?answer is[:\s]*([^\n]+)", re.IGNORECASE)
 _HASHES_RE = re.compile(r"####\s*([^\n]+)")
 _A_COLON_RE = re.compile(r"^\s*A:\s*(.+?)\s*$", re.MULTILINE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?")
-
-
-def _last_boxed(text: str) -> str | None:
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start : i - 1]
-    return None
 
 
 def _clean(answer: str) -> str:
@@ -70,13 +59,13 @@ def _clean(answer: str) -> str:
 
 def extract_answer(text: str) -> str | None:
     """The trace's final answer as text, or None when it states none."""
-    boxed = _last_boxed(text)
+    boxed = last_boxed_content(text)
     if boxed is not None:
         return _clean(boxed) or None
     for pattern in (_ANSWER_IS_RE, _HASHES_RE, _A_COLON_RE):
         matches = pattern.findall(text)
         if matches:
-            inner = _last_boxed(matches[-1])
+            inner = last_boxed_content(matches[-1])
             answer = _clean(inner if inner is not None else matches[-1])
             if answer:
                 return answer
@@ -208,10 +197,3 @@ class Verifier:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def verify_batch(
-    texts: Sequence[str], answers: Sequence[str], timeout: float = 5.0, workers: int | None = None
-) -> list[Verdict]:
-    """One-off batch verification (starts and stops a pool only if some item needs math-verify)."""
-    with Verifier(timeout=timeout, workers=workers) as verifier:
-        return verifier.verify(texts, answers)

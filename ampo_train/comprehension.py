@@ -9,62 +9,35 @@ helper ``score_candidates``.
 
 from __future__ import annotations
 
-import re
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from ampo_cache.boxed import last_box
+from ampo_train.config import RankKind, ScoreKind
+from ampo_train.forward import device_of, eval_mode, logits_at
 from ampo_train.loss import token_logprobs
 
-ScoreKind = Literal["mean_prob", "mean_logp", "prob", "geo_mean_prob"]
-ScoreRank = Literal["comprehension", "trace_likelihood"]
-
-_BOXED = re.compile(r"\\boxed\s*\{")
-
-
-def _closing_brace(text: str, open_idx: int) -> int | None:
-    """Index of the ``}`` matching the ``{`` at ``open_idx``, or None if unbalanced.
-
-    A backslash escapes the next character, so ``\\{``/``\\}`` (literal braces in LaTeX) do not
-    count and ``\\\\`` (a line break) does not escape the brace after it.
-    """
-    depth, i = 0, open_idx
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
 
 
 def with_ground_truth(trace_text: str, answer: str) -> tuple[str, tuple[int, int] | None]:
     """Replace the content of the last ``\\boxed{...}`` by ``answer``.
 
-    The last *balanced* box is used: a trailing unclosed ``\\boxed{`` (a truncated trace) is
-    skipped in favour of the one before it. (The reference instead keeps the text up to its last
+    The box is the one the verifier reads the answer from (``ampo_cache.boxed.last_box``): the
+    last *balanced* one, so a trailing unclosed ``\\boxed{`` (a truncated trace) is skipped in
+    favour of the one before it. (The reference instead keeps the text up to its last
     ``<answer>`` tag; our traces put their final answer in a box.)
 
     Returns:
         (new_text, (start, end)) where ``new_text[start:end] == answer``; or
         (trace_text, None) when the text has no balanced ``\\boxed{}``.
     """
-    for match in reversed(list(_BOXED.finditer(trace_text))):
-        open_idx = match.end() - 1
-        close_idx = _closing_brace(trace_text, open_idx)
-        if close_idx is None:
-            continue
-        start = open_idx + 1
-        new_text = trace_text[:start] + answer + trace_text[close_idx:]
-        return new_text, (start, start + len(answer))
-    return trace_text, None
+    box = last_box(trace_text)
+    if box is None:
+        return trace_text, None
+    start = box.content_start
+    return trace_text[:start] + answer + trace_text[box.content_end:], (start, start + len(answer))
 
 
 def no_reasoning_trace(answer: str) -> str:
@@ -134,23 +107,6 @@ def trace_likelihood_score(token_logprobs: Tensor, mask: Tensor | None = None) -
     return float(lp.double().mean())
 
 
-def _logits_at(model, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
-    """Logits ``[N, K, V]`` at the sequence positions ``positions`` (``[K]``, sorted).
-
-    Uses ``logits_to_keep`` so the LM head only runs where needed (a handful of answer positions
-    instead of thousands x vocabulary); falls back to full logits for models without it.
-    """
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=positions)
-        logits = out.logits
-        if logits.shape[1] == positions.numel():
-            return logits
-    except TypeError:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        logits = out.logits
-    return logits[:, positions]
-
-
 @torch.no_grad()
 def score_candidates(
     model,
@@ -160,7 +116,7 @@ def score_candidates(
     answer: str,
     temperature: float = 1.0,
     device: torch.device | str | None = None,
-    rank: ScoreRank = "comprehension",
+    rank: RankKind = "comprehension",
     kind: ScoreKind = "mean_prob",
     max_response_tokens: int | None = None,
 ) -> list[float]:
@@ -224,7 +180,7 @@ def score_candidates(
         return [empty] * len(rows)
 
     if device is None:
-        device = next(model.parameters()).device
+        device = device_of(model)
     p = len(prompt_ids)
     width = p + max(len(ids) for ids, _ in live)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -238,12 +194,8 @@ def score_candidates(
     positions = torch.tensor(needed, dtype=torch.long)
     input_ids, attention = input_ids.to(device), attention.to(device)
 
-    was_training = model.training
-    model.eval()
-    try:
-        logits = _logits_at(model, input_ids, attention, positions.to(device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        logits = logits_at(model, input_ids, attention, positions.to(device))
     targets = input_ids[:, positions.to(device) + 1]
     lp = token_logprobs(logits, targets, temperature).cpu()  # [N, K]
     column = {q: c for c, q in enumerate(needed)}

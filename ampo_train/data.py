@@ -98,6 +98,7 @@ class Row:
     advantage: float = 0.0
     old_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], sampling-time log-probs
     ref_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], reference policy (KL)
+    engine_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], the rollout engine's
 
 
 @dataclass
@@ -113,6 +114,7 @@ class RowBatch:
     advantages: Tensor  # [N] float32
     old_logp: Tensor | None  # [N, R] or None when not computed
     ref_logp: Tensor | None  # [N, R] or None
+    engine_logp: Tensor | None  # [N, R] the engine's sampling log-probs (0 on teacher rows), or None
     prompt_width: int  # P
 
     @property
@@ -135,6 +137,8 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
     response_mask = torch.zeros((n, r_width), dtype=torch.bool)
     old = torch.zeros((n, r_width)) if all(r.old_logp is not None for r in rows) else None
     ref = torch.zeros((n, r_width)) if all(r.ref_logp is not None for r in rows) else None
+    rollouts = [r for r in rows if not r.is_teacher]
+    engine = torch.zeros((n, r_width)) if rollouts and all(r.engine_logp is not None for r in rollouts) else None
     for i, row in enumerate(rows):
         lp, lr = len(row.prompt_ids), len(row.response_ids)
         input_ids[i, p - lp:p] = torch.as_tensor(list(row.prompt_ids))
@@ -146,6 +150,8 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
             old[i, :lr] = row.old_logp
         if ref is not None:
             ref[i, :lr] = row.ref_logp
+        if engine is not None and not row.is_teacher:
+            engine[i, :lr] = row.engine_logp
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     return RowBatch(
         input_ids=input_ids,
@@ -157,6 +163,7 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
         old_logp=old,
         ref_logp=ref,
+        engine_logp=engine,
         prompt_width=p,
     )
 

@@ -1,7 +1,8 @@
 """Guidance on demand: which prompts get teacher traces, which traces, and which rollouts they replace.
 
 Pure Python on small inputs (one prompt's G rewards, a handful of cached traces); no model.
-The trainer composes, per prompt:
+The trainer composes, per prompt (``cfg`` is ``ampo_train.config.GuidanceSettings``, where each
+setting and its reference default is documented):
 
     needs = needs_guidance(rewards[B, G], cfg.mode, rng, cfg.hybrid_fraction)
     for each prompt b with needs[b]:
@@ -18,53 +19,17 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, TypeVar
+from typing import Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
-GuidanceMode = Literal["adaptive", "always", "hybrid", "off"]
-RankKind = Literal["comprehension", "trace_likelihood", "random"]
+from ampo_train.config import GuidanceMode, RankKind
 
 # A response counts as correct when its reward exceeds this. 0.5 separates correct from wrong
 # for plain 0/1 rewards and for the optional 0.9 x correct + 0.1 x format mix alike (the
 # reference uses 0.6 = format coefficient + 0.5 for that mix).
 DEFAULT_CORRECT_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class GuidanceConfig:
-    """How teacher guidance is applied. Defaults are the reference AMPO run's.
-
-    mode: when a prompt is guided. ``adaptive``: only when all G rollouts are wrong (success
-        rate < 1/G). ``always``: every prompt. ``hybrid``: all-wrong prompts plus, independently,
-        each other prompt with probability ``hybrid_fraction``. ``off``: never (plain GRPO).
-    k: teacher traces injected per guided prompt (``num_off_policy_targets``); the effective k
-        is min(k, number of candidates).
-    max_candidates: cached traces considered per prompt (``max_available_targets``), chosen by
-        ``candidate_traces`` (one per teacher first).
-    rank: how candidates are ordered before keeping the top k. ``comprehension``: the current
-        student's mean probability of the ground-truth answer tokens after the trace.
-        ``trace_likelihood``: the student's mean log-prob of the whole trace. ``random``.
-    hybrid_fraction: probability that a prompt with a correct rollout is guided in ``hybrid``.
-    """
-
-    mode: GuidanceMode = "adaptive"
-    k: int = 2
-    max_candidates: int = 4
-    rank: RankKind = "comprehension"
-    hybrid_fraction: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("adaptive", "always", "hybrid", "off"):
-            raise ValueError(f"unknown guidance mode {self.mode!r}")
-        if self.rank not in ("comprehension", "trace_likelihood", "random"):
-            raise ValueError(f"unknown rank {self.rank!r}")
-        if self.k < 1 or self.max_candidates < 1:
-            raise ValueError("k and max_candidates must be >= 1")
-        if not 0.0 <= self.hybrid_fraction <= 1.0:
-            raise ValueError(f"hybrid_fraction must be in [0, 1], got {self.hybrid_fraction}")
 
 
 def correct_flags(rewards: Tensor, correct_threshold: float = DEFAULT_CORRECT_THRESHOLD) -> Tensor:
@@ -85,7 +50,7 @@ def needs_guidance(
 
     Args:
         rewards: ``[B, G]`` rewards of the on-policy rollouts, or bool correctness flags.
-        mode: see ``GuidanceConfig.mode``.
+        mode: see ``GuidanceSettings.mode`` (``ampo_train.config``).
         rng: needed only for ``hybrid``; one ``rng.random()`` draw per prompt that has a
             correct rollout, in prompt order.
         hybrid_fraction: probability of guiding a prompt that has a correct rollout (hybrid).

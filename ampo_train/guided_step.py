@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from ampo_cache.lookup import CachedTrace
-from ampo_train.comprehension import no_reasoning_trace, score_candidates
 from ampo_train.config import GuidanceSettings
-from ampo_train.guidance import GuidanceConfig, candidate_traces, needs_guidance, rank_candidates, replace_rollouts
+from ampo_train.guidance import candidate_traces, needs_guidance, rank_candidates, replace_rollouts
 
 Lookup = Callable[[Sequence[str]], Mapping[str, Sequence[CachedTrace]]]
 
@@ -65,11 +64,6 @@ class GuidancePlan:
     report: GuidanceReport
 
 
-def guidance_config(settings: GuidanceSettings) -> GuidanceConfig:
-    return GuidanceConfig(mode=settings.mode, k=settings.k, max_candidates=settings.max_candidates,
-                          rank=settings.rank, hybrid_fraction=settings.hybrid_fraction)
-
-
 def plan_guidance(
     prompt_ids: Sequence[str],
     rewards: Tensor,
@@ -90,14 +84,13 @@ def plan_guidance(
         rng: the trainer's guidance generator (hybrid draws, random ranking, replaced slots).
         text_of: the text injected for a trace of prompt b (e.g. without a duplicated ``<think>``).
     """
-    cfg = guidance_config(settings)
     report = GuidanceReport(prompts=len(prompt_ids))
     mixed = rewards.clone().to(torch.float32)
     injections: list[Injection] = []
-    if cfg.mode == "off":
+    if settings.mode == "off":
         return GuidancePlan(mixed, injections, report)
 
-    needed = needs_guidance(rewards, cfg.mode, rng, cfg.hybrid_fraction, correct_threshold).tolist()
+    needed = needs_guidance(rewards, settings.mode, rng, settings.hybrid_fraction, correct_threshold).tolist()
     report.needed = sum(needed)
     wanted = [prompt_ids[b] for b, need in enumerate(needed) if need]
     found = lookup(wanted) if (lookup is not None and wanted) else {}
@@ -105,19 +98,19 @@ def plan_guidance(
     for b, need in enumerate(needed):
         if not need:
             continue
-        candidates = candidate_traces(list(found.get(prompt_ids[b], ())), cfg.max_candidates)
+        candidates = candidate_traces(list(found.get(prompt_ids[b], ())), settings.max_candidates)
         if not candidates:
             report.no_trace += 1
             continue
         texts = [text_of(b, c) for c in candidates]
         scores: list[float] | None = None
         baseline = None
-        if cfg.rank != "random":
+        if settings.rank != "random":
             if scorer is None:
-                raise ValueError(f"rank {cfg.rank!r} needs a scorer")
+                raise ValueError(f"rank {settings.rank!r} needs a scorer")
             scores, baseline = scorer(b, texts)
-        picked = rank_candidates(scores, [c.num_chars for c in candidates], cfg.k, cfg.rank, rng)
-        slots, mixed[b] = replace_rollouts(mixed[b], [candidates[i] for i in picked], rng, mode=cfg.mode,
+        picked = rank_candidates(scores, [c.num_chars for c in candidates], settings.k, settings.rank, rng)
+        slots, mixed[b] = replace_rollouts(mixed[b], [candidates[i] for i in picked], rng, mode=settings.mode,
                                            correct_threshold=correct_threshold, teacher_reward=settings.teacher_reward)
         for i, slot in zip(picked, slots):
             score = None if scores is None else scores[i]
@@ -135,28 +128,14 @@ def plan_guidance(
 
 
 class StudentScorer:
-    """Scores candidates with the current student (no grad, this step's weights before the update).
+    """Scores a batch's candidates with the current student (``Policy.comprehension``: no grad,
+    this step's weights before the update, one batched forward per guided prompt)."""
 
-    One batched forward per guided prompt (``comprehension.score_candidates``); with
-    ``baseline`` the bare ``\\boxed{answer}`` rides in the same batch as "score A".
-    """
-
-    def __init__(self, model_fn: Callable[[], torch.nn.Module], tokenizer, prompt_texts: Sequence[str],
-                 answers: Sequence[str], settings: GuidanceSettings, temperature: float, max_target_length: int):
-        self.model_fn, self.tokenizer = model_fn, tokenizer
-        self.prompt_texts, self.answers = prompt_texts, answers
-        self.settings, self.temperature, self.max_target_length = settings, temperature, max_target_length
+    def __init__(self, policy, prompt_texts: Sequence[str], answers: Sequence[str], settings: GuidanceSettings,
+                 max_target_length: int):
+        self.policy, self.prompt_texts, self.answers = policy, prompt_texts, answers
+        self.settings, self.max_target_length = settings, max_target_length
 
     def __call__(self, prompt_index: int, texts: Sequence[str]) -> tuple[list[float], float | None]:
-        rank = self.settings.rank
-        answer = self.answers[prompt_index]
-        with_baseline = self.settings.score_baseline and rank == "comprehension"
-        batch = list(texts) + ([no_reasoning_trace(answer)] if with_baseline else [])
-        scores = score_candidates(
-            self.model_fn(), self.tokenizer, self.prompt_texts[prompt_index], batch, answer,
-            temperature=self.temperature, rank=rank, kind=self.settings.score,
-            max_response_tokens=self.max_target_length,
-        )
-        if with_baseline:
-            return scores[:-1], scores[-1]
-        return scores, None
+        return self.policy.comprehension(self.prompt_texts[prompt_index], texts, self.answers[prompt_index],
+                                         self.settings, self.max_target_length)

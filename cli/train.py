@@ -34,7 +34,7 @@ def run(
     (on CPUs add --multi_gpu: accelerate then starts N gloo processes).
     """
     from ampo_cache.errors import InputError
-    from ampo_train.checkpoint import find_checkpoint
+    from ampo_train.checkpoint import find_checkpoint, read_trainer_state
     from ampo_train.config import load_train_config
 
     with user_errors():
@@ -42,7 +42,10 @@ def run(
         if config is None:
             if resume is None:
                 raise InputError("--config", "needed (or --resume DIR, which reuses the run's saved config)")
-            base = json.loads((find_checkpoint(resume) / "trainer_state.json").read_text())["config"]
+            found = find_checkpoint(resume)
+            base = read_trainer_state(found).get("config")
+            if base is None:
+                raise InputError(str(found / "trainer_state.json"), "holds no saved config: pass --config")
         cfg = load_train_config(config, overrides or [], base=base)
         from ampo_train.trainer import train
 
@@ -71,12 +74,18 @@ def eval_(
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of pass@k curves (one line per model)."),
+    log_samples: Optional[Path] = typer.Option(
+        None, "--log-samples", help="Write every sampled answer (response, extracted answer, verdict) to this "
+        "Parquet file, one row each, for SQL."),
 ):
     """avg@n, unbiased pass@k (Chen et al.), optional greedy accuracy and solution diversity, per
-    benchmark file and overall; a table on the console, JSON with --out, a PNG with --plot."""
+    benchmark file and overall; a table on the console, JSON with --out, a PNG with --plot, every
+    answer with --log-samples."""
     from ampo_cache.errors import InputError
     from ampo_train.evaluation.benchmarks import load_benchmark
-    from ampo_train.evaluation.runner import EvalSettings, ModelSpec, evaluate
+    from ampo_train.evaluation.runner import EvalSettings, ModelSpec, check_settings, evaluate
+    from ampo_train.evaluation.sample_log import check_log_path
+    from cli.cache import check_output_file
 
     with user_errors():
         ks = _parse_ks(k)
@@ -93,7 +102,12 @@ def eval_(
             raise InputError("--data", "two benchmark files share a file name; their results would collide")
         settings = EvalSettings(samples=samples, ks=ks, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                 greedy=greedy, seed=seed, system_prompt=system_prompt, backend=backend)
-        reports = evaluate(specs, benchmarks, settings)
+        check_settings(settings)
+        for target, name in ((out, "--out"), (plot, "--plot"), (log_samples, "--log-samples")):
+            check_output_file(target, name)
+        if log_samples is not None:
+            check_log_path(log_samples)
+        reports = evaluate(specs, benchmarks, settings, log_samples=log_samples)
     print_eval_table(reports)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ampo_cache.lookup import CachedTrace
+from ampo_train.config import GuidanceSettings
 from ampo_train.guidance import (
-    GuidanceConfig,
     candidate_traces,
     needs_guidance,
     rank_candidates,
@@ -30,12 +30,12 @@ def _t(teacher, idx, chars):
 # ---------------------------------------------------------------- config
 
 def test_config_defaults_match_the_reference_run():
-    cfg = GuidanceConfig()
+    cfg = GuidanceSettings()
     assert (cfg.mode, cfg.k, cfg.max_candidates, cfg.rank, cfg.hybrid_fraction) == (
         "adaptive", 2, 4, "comprehension", 0.3)
     for bad in ({"mode": "sometimes"}, {"rank": "best"}, {"k": 0}, {"hybrid_fraction": 1.5}):
         with pytest.raises(ValueError):
-            GuidanceConfig(**bad)
+            GuidanceSettings(**bad)
 
 
 # ---------------------------------------------------------------- which prompts

@@ -6,15 +6,14 @@ from torch.testing import assert_close
 
 from ampo_train.loss import (
     aggregate,
-    entropy_from_logits,
     kl_k3,
-    masked_mean,
     mixed_token_loss,
     off_policy_token_loss,
     ppo_clip_token_loss,
     shaping,
     token_entropy,
     token_logprobs,
+    truncated_is_weight,
 )
 
 
@@ -210,15 +209,6 @@ def test_mixed_group_end_to_end_each_mode():
 
 # ---------------------------------------------------------------- helpers
 
-def test_masked_mean():
-    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    m = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
-    # all: (1 + 3 + 4) / 3 = 8/3;  per row: [1, 3.5];  nothing selected: 0
-    assert masked_mean(x, m).item() == pytest.approx(8 / 3)
-    assert_close(masked_mean(x, m, dim=-1), torch.tensor([1.0, 3.5]))
-    assert masked_mean(x, torch.zeros_like(m)).item() == 0.0
-
-
 def test_token_logprobs_on_a_three_token_vocabulary():
     # logits [1, 2, 3]: logsumexp = 3 + ln(1 + e^-1 + e^-2) = 3 + ln(1.5032147) = 3.4076060
     #   log p(0) = 1 - 3.4076060 = -2.4076060;  log p(2) = 3 - 3.4076060 = -0.4076060
@@ -240,10 +230,10 @@ def test_entropy_by_hand():
     # a near one-hot row ([50, 0, 0]) has entropy ~ 0
     assert_close(token_entropy(logits), torch.tensor([[math.log(3), 1.5 * math.log(2), 0.0]]))
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    assert entropy_from_logits(logits, mask).item() == pytest.approx(1.0691665, abs=1e-6)
+    assert token_entropy(logits)[mask].mean().item() == pytest.approx(1.0691665, abs=1e-6)
     # temperature 2 on [0, 0, ln 4] gives [0, 0, ln 2] -> 1.5 ln 2
     t = torch.tensor([[[0.0, 0.0, math.log(4)]]])
-    assert entropy_from_logits(t, torch.ones(1, 1, dtype=torch.bool), temperature=2.0).item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
+    assert token_entropy(t, temperature=2.0).item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
 
 
 def test_kl_k3_by_hand():
@@ -252,3 +242,11 @@ def test_kl_k3_by_hand():
     logp = torch.log(torch.tensor([0.5, 0.3, 1e-30]))
     ref = torch.log(torch.tensor([0.25, 0.3, 1.0]))
     assert_close(kl_k3(logp, ref), torch.tensor([0.1931472, 0.0, 10.0]))
+
+
+def test_truncated_is_weight_by_hand():
+    # old - engine = ln 0.5, 0, ln 3, ln 100  ->  0.5, 1, min(3, 2) = 2, min(100, 2) = 2
+    old = torch.zeros(4)
+    engine = -torch.log(torch.tensor([0.5, 1.0, 3.0, 100.0]))
+    assert_close(truncated_is_weight(old, engine, cap=2.0), torch.tensor([0.5, 1.0, 2.0, 2.0]))
+    assert not truncated_is_weight(old.requires_grad_(), engine).requires_grad  # a constant weight

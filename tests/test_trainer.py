@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import math
 import random
 from collections import Counter
 
@@ -19,7 +20,8 @@ from ampo_train.data import PromptSampler, Row, collate, prepare_prompts, teache
 from ampo_train.guided_step import plan_guidance
 from ampo_train.rewards import format_ok, has_repetition, score_responses
 from ampo_train.rollout import Rollout
-from ampo_train.trainer import build_rows, response_logits, train
+from ampo_train.forward import response_logits
+from ampo_train.trainer import build_rows, train
 from tests.trainer_fixtures import base_config, make_tokenizer, make_world, write_config
 
 METRIC_KEYS = {
@@ -229,6 +231,8 @@ def test_adaptive_run_guides_logs_and_saves_a_loadable_adapter(world, tmp_path):
         assert m["reward/mixed"] == pytest.approx(m["guidance/injected"] / 16)
         assert 0 <= m["comprehension/picked"] <= 1 and m["comprehension/gain"] is not None
         assert m["clip/fraction"] == 0.0  # lockstep, one update per step: ratio exactly 1
+        # transformers samples from the training weights: its log-probs are the trainer's
+        assert m["rollout/logprob_diff"] < 1e-5 and m["rollout/sync_bytes"] == 0
         assert m["grad_norm"] > 0
     assert [p.name for p in (cfg.output_dir / "checkpoints").iterdir()] == ["step-000002"]  # keep_checkpoints=1
     # the saved adapter reproduces the trained model
@@ -240,6 +244,66 @@ def test_adaptive_run_guides_logs_and_saves_a_loadable_adapter(world, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(cfg.student)(ids).logits
     assert not torch.allclose(base, result.model(ids).logits)  # it did train
     assert (result.final_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_engine_without_vllm_is_one_line_before_loading(world, tmp_path):
+    from cli.train import app
+
+    path = write_config(tmp_path / "train.yaml", base_config(world, tmp_path / "out"))
+    result = CliRunner().invoke(app, ["run", "--config", str(path), "rollout.engine=vllm"])
+    assert result.exit_code == 2, result.output
+    assert "rollout.engine: vllm is not installed: pip install -e \".[vllm]\"" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()  # nothing loaded, nothing written
+
+
+def test_rollout_seeds_and_engine_choice():
+    from ampo_train.config import RolloutSettings
+    from ampo_train.rollout import cut_at_eos, resolve_engine, rollout_seed
+
+    seeds = {rollout_seed(0, step, rank) for step in range(1, 50) for rank in range(4)}
+    assert len(seeds) == 49 * 4 and all(0 <= s < 2 ** 31 for s in seeds)  # one stream per (step, process)
+    assert rollout_seed(3, 7, 1) == rollout_seed(3, 7, 1) != rollout_seed(4, 7, 1)
+    assert resolve_engine(RolloutSettings(engine="transformers")) == "transformers"
+    if not torch.cuda.is_available():
+        assert resolve_engine(RolloutSettings(engine="auto")) == "transformers"  # vLLM only pays on a GPU
+    stop = cut_at_eos([5, 2, 7, 2], {2}, [-0.1, -0.2, -0.3, -0.4])
+    assert (stop.token_ids, stop.finish_reason, stop.logprobs) == ([5, 2], "stop", [-0.1, -0.2])
+    assert cut_at_eos([5, 6], {2}).finish_reason == "length"
+
+
+def test_truncated_importance_sampling_scales_rollout_gradients(world, tmp_path):
+    """With every engine log-prob log 2 above the trainer's, the weight is 0.5: the rollout rows'
+    gradient halves, teacher rows are untouched; a ratio of 3 is capped at is_cap = 2."""
+    from transformers import AutoModelForCausalLM
+
+    from ampo_train.metrics import StepStats
+    from ampo_train.policy import Policy
+    from ampo_train.update import minibatch_backward
+
+    cfg = _config(world, tmp_path, loss={"entropy_coef": 0.0})
+    model = AutoModelForCausalLM.from_pretrained(world["student"])
+    policy = Policy(model, make_tokenizer(), cfg.rollout)
+    rows = [Row([5, 6, 7], [8, 9, 10, 2], 0.0, advantage=0.7), Row([5, 6], [11, 12], 0.0, advantage=-0.4)]
+    current = policy.logprobs(rows, 8)
+
+    def grads(shift, tis):
+        for row, lp in zip(rows, current):
+            row.engine_logp = lp + shift
+        model.zero_grad()
+        run_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"is_correction": tis})})
+        stats = StepStats()
+        minibatch_backward(policy, rows, run_cfg, stats, lambda loss: loss.backward())
+        return [p.grad.clone() for p in model.parameters()], stats.summary()
+
+    plain, _ = grads(0.0, None)
+    halved, summary = grads(math.log(2), "tis")
+    capped, _ = grads(-math.log(3), "tis")
+    assert summary["rollout/is_weight"] == pytest.approx(0.5)
+    assert summary["rollout/logprob_diff"] == pytest.approx(math.log(2), abs=1e-5)
+    for a, b, c in zip(plain, halved, capped):
+        torch.testing.assert_close(b, 0.5 * a, atol=1e-8, rtol=1e-5)
+        torch.testing.assert_close(c, 2.0 * a, atol=1e-8, rtol=1e-5)
 
 
 def test_mode_off_from_the_command_line_is_plain_grpo(world, tmp_path):
@@ -269,7 +333,8 @@ def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation
     from transformers import AutoModelForCausalLM
 
     from ampo_train.metrics import StepStats
-    from ampo_train.trainer import minibatch_backward
+    from ampo_train.policy import Policy
+    from ampo_train.update import minibatch_backward
 
     cfg = _config(world, tmp_path, loss={"aggregation": aggregation, "entropy_coef": 0.01})
     model = AutoModelForCausalLM.from_pretrained(world["student"])
@@ -282,8 +347,8 @@ def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation
     grads = []
     for micro in (10, 3):
         model.zero_grad()
-        minibatch_backward(model, rows, cfg.model_copy(update={"micro_batch_size": micro}), 0, "cpu", StepStats(),
-                           lambda loss: loss.backward())
+        minibatch_backward(Policy(model, make_tokenizer(), cfg.rollout), rows,
+                           cfg.model_copy(update={"micro_batch_size": micro}), StepStats(), lambda loss: loss.backward())
         grads.append([p.grad.clone() for p in model.parameters()])
     assert any(g.abs().sum() > 0 for g in grads[0])
     for a, b in zip(*grads):

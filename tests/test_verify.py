@@ -1,6 +1,6 @@
 import pytest
 
-from ampo_cache.verify import Verifier, extract_answer, verify_batch, verify_one
+from ampo_cache.verify import Verifier, extract_answer, verify_one
 
 
 @pytest.mark.parametrize(
@@ -61,9 +61,10 @@ def test_pool_times_out_pathological_items_and_keeps_the_rest():
 def test_in_process_and_pool_agree():
     texts = ["\\boxed{\\frac{6}{8}}", "The answer is 0.75", "\\boxed{\\{1,2\\}}", "#### 7"]
     answers = ["\\frac{3}{4}", "3/4", "\\{2,1\\}", "8"]
-    assert verify_batch(texts, answers, workers=0) == verify_batch(texts, answers, workers=1)
+    with Verifier(workers=0) as here, Verifier(workers=1) as pool:
+        assert here.verify(texts, answers) == pool.verify(texts, answers)
 
 
 def test_lengths_must_match():
     with pytest.raises(ValueError):
-        verify_batch(["a"], [], workers=0)
+        Verifier(workers=0).verify(["a"], [])

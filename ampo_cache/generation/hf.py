@@ -20,6 +20,19 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the model's generation-config EOS ids and the tokenizer's.
+
+    Chat models often end a turn with a token (``<|im_end|>``, ``<|eot_id|>``) that only their
+    generation config names, so both sources count.
+    """
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return sorted(found)
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -37,14 +50,7 @@ class TransformersBackend:
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(teacher.model, dtype=pick_dtype(teacher.dtype, self.device))
         self.model = model.to(self.device).eval()
-        self.eos_ids = self._eos_ids()
-
-    def _eos_ids(self) -> set[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        self.eos_ids = set(eos_token_ids(self.model, self.tokenizer))
 
     def render(self, conversations: Sequence[Conversation]) -> list[str]:
         return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
