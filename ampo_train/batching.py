@@ -70,3 +70,42 @@ def token_budget_batches(lengths: Lengths, max_tokens: int) -> list[list[int]]:
     if current:
         batches.append(sorted(current))
     return batches
+
+
+def row_count_batches(count: int, rows_per_batch: int) -> list[list[int]]:
+    """Consecutive micro-batches of ``rows_per_batch`` rows (the last may be shorter): the plain
+    gradient-accumulation split, in the rows' own order."""
+    if rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    return [list(range(i, min(i + rows_per_batch, count))) for i in range(0, count, rows_per_batch)]
+
+
+def micro_batch_groups(lengths: Lengths, rows_per_batch: int, max_tokens: int | None) -> list[list[int]]:
+    """The trainer's micro-batches: by a token budget when ``max_tokens`` is set
+    (``token_budget_batches``), else by row count (``row_count_batches``)."""
+    if max_tokens is None:
+        return row_count_batches(len(lengths), rows_per_batch)
+    return token_budget_batches(lengths, max_tokens)
+
+
+def split_to_count(lengths: Lengths, batches: Sequence[Sequence[int]], count: int) -> list[list[int]]:
+    """``batches`` split further until there are ``count`` of them, where rows allow.
+
+    Under several processes every rank must run the same number of forward/backward calls
+    (DDP's final all-reduce, FSDP's and ZeRO-3's per-forward gathers), but token-budget packing
+    gives each rank its own count. The ranks agree on the largest count; a rank with fewer
+    micro-batches splits its largest ones (by padded size; halves in longest-first order) rather
+    than running empty zero-weight ones: the same rows, the same gradient, no wasted forward, and
+    smaller micro-batches, so each stays within the budget it was packed under. Returns fewer than
+    ``count`` only when there are fewer rows than that (the trainer's ranks hold equal row counts).
+    """
+    out = [list(b) for b in batches if b]
+    while len(out) < count:
+        splittable = [k for k, b in enumerate(out) if len(b) > 1]
+        if not splittable:
+            break
+        k = max(splittable, key=lambda k: (padded_tokens(lengths, out[k]), -k))
+        rows = sorted(out[k], key=lambda i: (-(lengths[i][0] + lengths[i][1]), i))
+        half = (len(rows) + 1) // 2
+        out[k:k + 1] = [sorted(rows[:half]), sorted(rows[half:])]
+    return out

@@ -16,9 +16,8 @@ from torch import Tensor
 
 from ampo_cache.boxed import last_box
 from ampo_train.config import RankKind, ScoreKind
-from ampo_train.forward import device_of, eval_mode, logits_at
-from ampo_train.loss import token_logprobs
-
+from ampo_train.forward import device_of, eval_mode, final_hidden, lm_head
+from ampo_train.lm_head import DEFAULT_CHUNK_SIZE, chunked_logprobs
 
 
 def with_ground_truth(trace_text: str, answer: str) -> tuple[str, tuple[int, int] | None]:
@@ -119,11 +118,12 @@ def score_candidates(
     rank: RankKind = "comprehension",
     kind: ScoreKind = "mean_prob",
     max_response_tokens: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> list[float]:
     """Score candidate traces for one prompt with the current student in ONE batched forward.
 
     Args:
-        model: a causal LM (``transformers``-style: ``model(input_ids, attention_mask).logits``),
+        model: a ``transformers`` causal LM (final hidden states and ``get_output_embeddings()``),
             the weights of this step before the update. It is put in eval mode for the pass
             (no dropout noise in the scores) and restored afterwards.
         tokenizer: the student's *fast* tokenizer (offset mapping is required).
@@ -136,6 +136,8 @@ def score_candidates(
             (mean log-prob of the unmodified trace).
         max_response_tokens: truncate each trace's tokens here first (the injection limit), so
             an answer beyond it is not locatable.
+        chunk_size: positions per LM-head chunk: only the scored positions (the answer tokens,
+            or every trace token for ``trace_likelihood``) go through the head, this many at a time.
 
     Returns:
         One float per trace, in input order (see ``comprehension_score`` /
@@ -189,16 +191,17 @@ def score_candidates(
     for r, (ids, _) in enumerate(live):
         input_ids[r, : p + len(ids)] = torch.tensor(prompt_ids + ids)
         attention[r, : p + len(ids)] = 1
-    # Response token j sits at p + j and is predicted by the logits at p + j - 1.
-    needed = sorted({p + j - 1 for _, mask in live for j, m in enumerate(mask) if m})
-    positions = torch.tensor(needed, dtype=torch.long)
-    input_ids, attention = input_ids.to(device), attention.to(device)
+    # Response token j sits at p + j and is predicted by the hidden state at p + j - 1; only those
+    # (row, position) pairs go through the LM head.
+    scored = torch.zeros((len(live), width - 1), dtype=torch.bool)
+    for r, (_, mask) in enumerate(live):
+        scored[r, p - 1:p - 1 + len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    input_ids, attention, scored = input_ids.to(device), attention.to(device), scored.to(device)
 
     with eval_mode(model):
-        logits = logits_at(model, input_ids, attention, positions.to(device))
-    targets = input_ids[:, positions.to(device) + 1]
-    lp = token_logprobs(logits, targets, temperature).cpu()  # [N, K]
-    column = {q: c for c, q in enumerate(needed)}
+        hidden = final_hidden(model, input_ids, attention)[:, :-1]
+        lp = chunked_logprobs(hidden, lm_head(model), input_ids[:, 1:], temperature, chunk_size=chunk_size,
+                              mask=scored).cpu()  # [N, width - 1], 0 where not scored
 
     scores: list[float] = []
     live_iter = iter(range(len(live)))
@@ -207,8 +210,7 @@ def score_candidates(
             scores.append(empty)
             continue
         r = next(live_iter)
-        cols = [column[p + j - 1] for j, m in enumerate(row[1]) if m]
-        row_lp = lp[r, cols]
+        row_lp = lp[r, [p + j - 1 for j, m in enumerate(row[1]) if m]]
         if rank == "comprehension":
             scores.append(comprehension_score(row_lp, torch.ones_like(row_lp, dtype=torch.bool), kind))
         else:

@@ -119,6 +119,11 @@ class GuidanceSettings(_Section):
         False, description="Also score the bare answer after the prompt (no reasoning) and log picked score minus it.")
     hybrid_fraction: float = Field(0.3, ge=0, le=1, description="hybrid mode: probability of guiding a prompt that was solved.")
     teacher_reward: float = Field(1.0, description="Reward given to an injected (verified) teacher trace.")
+    replace: Literal["wrong_first", "wrong_only"] = Field(
+        "wrong_first", description="always/hybrid, when a group has fewer wrong rollouts than picked traces: "
+        "wrong_first replaces every wrong rollout, then correct ones, so all k traces go in; wrong_only injects "
+        "min(k, wrong) traces and none into an all-correct group (the reference's behaviour). Adaptive guidance "
+        "only fires on all-wrong groups, where both are the same.")
     max_target_length: Optional[int] = Field(
         None, gt=0, description="Teacher traces are cut to this many student tokens (EOS included); null = "
         "rollout.max_new_tokens.")
@@ -151,6 +156,34 @@ class LossSettings(_Section):
     kl_coef: float = Field(
         0.0, ge=0, description="k3 KL to the reference policy (the student at start; LoRA: adapter disabled). 0 = "
         "no reference model.")
+
+
+class EvalDuringTraining(_Section):
+    """Held-out evaluation while training: the code of `ampo-train eval` on the weights being
+    trained, every `every` steps and after the last; on the main process (the other processes wait
+    at the next step). It samples with the run's rollout engine (vLLM too)."""
+
+    files: list[Path] = Field(..., min_length=1, description="Benchmark files (JSONL/Parquet/CSV, the layouts "
+                              "`ampo-train eval` reads); each is logged as eval/<file stem>/....")
+    every: int = Field(50, ge=1, description="Evaluate after every this many steps (and after the last step).")
+    samples: int = Field(4, ge=1, description="n: sampled answers per problem (avg@n, pass@k for k <= n).")
+    k: list[int] = Field(default_factory=lambda: [1, 4], description="k values for pass@k (each <= samples).")
+    temperature: float = Field(0.6, ge=0, description="Sampling temperature (the paper's evaluation: 0.6).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus cut while evaluating.")
+    max_tokens: Optional[int] = Field(None, gt=0, description="Most tokens per answer; null = rollout.max_new_tokens.")
+    greedy: bool = Field(False, description="Also decode greedily once per problem (eval/<file>/greedy).")
+    limit: Optional[int] = Field(None, ge=1, description="Evaluate only the first N problems of each file.")
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _resolve_files(cls, value, info: ValidationInfo):
+        return [resolve_path(v, info) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _ks(self) -> "EvalDuringTraining":
+        if any(k < 1 or k > self.samples for k in self.k):
+            raise ValueError(f"every k must be between 1 and samples ({self.samples}); got {self.k}")
+        return self
 
 
 class LoraSettings(_Section):
@@ -189,6 +222,10 @@ class TrainConfig(BaseModel):
         "prompts_per_step (one update per step).")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward on one process (gradient accumulation).")
+    micro_batch_tokens: Optional[int] = Field(
+        None, ge=1, description="Token budget per forward/backward on one process instead of a row count (verl's dynamic "
+        "batch size): rows sorted by length and packed so that rows x (longest prompt + longest response) stays within "
+        "it (a single longer row goes alone); also used by the no-grad log-prob passes. null = micro_batch_size rows.")
 
     # -- optimizer
     lr: float = Field(1e-6, gt=0, description="AdamW learning rate (reference: 1e-6).")
@@ -205,6 +242,13 @@ class TrainConfig(BaseModel):
         "float32", description="Weights' dtype when loaded; keep float32 and use mixed_precision on GPUs.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate's autocast mode.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    activation_offload: bool = Field(
+        False, description="GPU: keep the update forward's saved activations in pinned CPU memory "
+        "(torch.autograd.graph.save_on_cpu) until the backward needs them; with gradient_checkpointing only the layers' "
+        "inputs move. No memory effect on a CPU.")
+    logit_chunk_size: int = Field(
+        256, ge=1, description="Positions whose LM-head logits exist at once (log-probs, entropy, comprehension; forward "
+        "and backward): about 3 x chunk x vocab x 4 bytes (0.4 GiB at 256 x 152k). On a CPU raised to 2**24 / vocab.")
     cpu: Optional[bool] = Field(None, description="Force CPU; null = CPU when no CUDA device is present.")
     seed: int = Field(0, description="Seeds model init, prompt order, sampling and guidance draws.")
 
@@ -220,6 +264,13 @@ class TrainConfig(BaseModel):
     save_merged: bool = Field(False, description="LoRA: also save the merged full model under final/merged/.")
     log_every: int = Field(1, ge=1, description="Console progress line every N steps (metrics.jsonl gets every step).")
     tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed.")
+    log_samples_every: Optional[int] = Field(
+        None, ge=1, description="Every N steps append a few rows to OUTPUT_DIR/samples.jsonl: prompt, response, "
+        "reward, injected teacher trace or not (which teacher, its comprehension score); null = never.")
+    log_samples_groups: int = Field(
+        2, ge=1, description="Prompts (whole groups of G rows) logged each time; guided prompts first, from the main "
+        "process's share of the step.")
+    eval: Optional[EvalDuringTraining] = Field(None, description="Evaluation during training; null = none.")
 
     @field_validator("prompts", "store", "output_dir", mode="before")
     @classmethod

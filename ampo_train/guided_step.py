@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ampo_cache.lookup import CachedTrace
 from ampo_train.config import GuidanceSettings
-from ampo_train.guidance import candidate_traces, needs_guidance, rank_candidates, replace_rollouts
+from ampo_train.guidance import candidate_traces, correct_flags, needs_guidance, rank_candidates, replace_rollouts
 
 Lookup = Callable[[Sequence[str]], Mapping[str, Sequence[CachedTrace]]]
 
@@ -50,6 +50,7 @@ class GuidanceReport:
     needed: int = 0  # prompts the mode selected for guidance
     guided: int = 0  # prompts that received traces
     no_trace: int = 0  # selected, but no correct cached trace
+    all_correct: int = 0  # selected (always/hybrid), but replace: wrong_only and no rollout was wrong
     injected: int = 0  # traces injected
     per_teacher: Counter = field(default_factory=Counter)  # injected traces per teacher
     picked_scores: list[float] = field(default_factory=list)
@@ -102,6 +103,12 @@ def plan_guidance(
         if not candidates:
             report.no_trace += 1
             continue
+        k = settings.k
+        if settings.replace == "wrong_only":  # the reference: at most one trace per wrong rollout
+            k = min(k, int((~correct_flags(rewards[b], correct_threshold)).sum()))
+            if k == 0:
+                report.all_correct += 1
+                continue
         texts = [text_of(b, c) for c in candidates]
         scores: list[float] | None = None
         baseline = None
@@ -109,7 +116,7 @@ def plan_guidance(
             if scorer is None:
                 raise ValueError(f"rank {settings.rank!r} needs a scorer")
             scores, baseline = scorer(b, texts)
-        picked = rank_candidates(scores, [c.num_chars for c in candidates], settings.k, settings.rank, rng)
+        picked = rank_candidates(scores, [c.num_chars for c in candidates], k, settings.rank, rng)
         slots, mixed[b] = replace_rollouts(mixed[b], [candidates[i] for i in picked], rng, mode=settings.mode,
                                            correct_threshold=correct_threshold, teacher_reward=settings.teacher_reward)
         for i, slot in zip(picked, slots):

@@ -39,9 +39,10 @@ class Rollout:
 class RolloutEngine(Protocol):
     name: str
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None,
-                 greedy: bool = False) -> list[list[Rollout]]:
-        """``n`` samples for each prompt (token ids, no padding), in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None, greedy: bool = False,
+                 settings: RolloutSettings | None = None) -> list[list[Rollout]]:
+        """``n`` samples for each prompt (token ids, no padding), in prompt order; ``settings``
+        replaces the engine's sampling settings for this call."""
         ...
 
     def sync(self, module: torch.nn.Module) -> int:
@@ -128,15 +129,17 @@ class TransformersRollout:
             raise ValueError("the student has no EOS token: responses could never finish")
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None,
-                 greedy: bool = False) -> list[list[Rollout]]:
-        step = self.settings.batch_size or len(prompts)
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None, greedy: bool = False,
+                 settings: RolloutSettings | None = None) -> list[list[Rollout]]:
+        s = settings or self.settings
+        step = s.batch_size or len(prompts)
         out: list[list[Rollout]] = []
         for start in range(0, len(prompts), step):
-            out.extend(self._generate(prompts[start:start + step], n, greedy))
+            out.extend(self._generate(prompts[start:start + step], n, greedy, s))
         return out
 
-    def _generate(self, prompts: Sequence[Sequence[int]], n: int, greedy: bool) -> list[list[Rollout]]:
+    def _generate(self, prompts: Sequence[Sequence[int]], n: int, greedy: bool,
+                  s: RolloutSettings) -> list[list[Rollout]]:
         model = self.model_fn()
         width = max(len(p) for p in prompts)
         # Left padding: every prompt ends where generation starts.
@@ -145,7 +148,6 @@ class TransformersRollout:
         for i, ids in enumerate(prompts):
             input_ids[i, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
             attention[i, width - len(ids):] = 1
-        s = self.settings
         # min_p = 0 filters nothing, yet transformers still adds a MinP warper for it (a softmax, a
         # top-k and a scatter over the vocabulary at every generated token); pass it only to
         # cancel a min_p the model's own generation config sets.

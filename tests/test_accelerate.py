@@ -54,3 +54,29 @@ def test_two_processes_train_different_prompts_in_sync(tmp_path):
     rng = json.loads((out / "checkpoints" / "step-000002" / "rng.json").read_text())
     assert len(rng) == 2  # both ranks' RNG states, written by rank 0
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_with_a_token_budget_agree_on_micro_batches(tmp_path):
+    """Token-budget packing gives each rank its own micro-batch count (teacher traces make some
+    rows long); the ranks agree on the largest (the others split micro-batches), so the run
+    completes and both end with the same weights."""
+    world = make_world(tmp_path / "world", num_prompts=8, covered=0.75)
+    config = write_config(tmp_path / "train.yaml", base_config(
+        world, tmp_path / "out", max_steps=3, lora={"r": 4, "alpha": 8}, lr=1e-2, micro_batch_tokens=120))
+    debug = tmp_path / "ranks"
+    env = {**os.environ, DEBUG_DIR_ENV: str(debug), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           "-m", "cli.train", "run", "--config", str(config)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    print([(m.get("update/micro_batches"), m.get("update/split"), m.get("update/padding")) for m in lines])
+    # each rank packed its 8 rows into several micro-batches, and at least once the ranks' counts
+    # differed, so one of them split micro-batches to match the other
+    assert all(m["update/micro_batches"] > 2 for m in lines)
+    assert sum(m.get("update/split") or 0 for m in lines) > 0

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from ampo_train.batching import padded_tokens, token_budget_batches
+from ampo_train.batching import (micro_batch_groups, padded_tokens, row_count_batches, split_to_count,
+                                 token_budget_batches)
 from ampo_train.data import Row, collate
 
 
@@ -93,6 +94,40 @@ def _check_properties(lengths, max_tokens):
     for a, b in zip(batches, batches[1:]):
         trigger = min(b, key=lambda i: (-sum(lengths[i]), i))
         assert padded_tokens(lengths, a + [trigger]) > max_tokens
+
+
+def test_row_count_and_the_trainer_switch():
+    assert row_count_batches(7, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert row_count_batches(0, 3) == []
+    lengths = [(2, 3), (2, 10), (2, 1), (4, 6), (2, 3)]
+    assert micro_batch_groups(lengths, 2, None) == [[0, 1], [2, 3], [4]]  # null budget: rows in order
+    assert micro_batch_groups(lengths, 2, 24) == token_budget_batches(lengths, 24)  # the budget ignores rows
+    with pytest.raises(ValueError):
+        row_count_batches(3, 0)
+
+
+def test_split_to_count_by_hand():
+    # packed under 24: [1] (12 padded tokens), [0, 3] (20), [2, 4] (10). To reach 4 micro-batches
+    # the largest splittable one goes first: [0, 3] -> [3] (total 10), [0] (5), longest first, in
+    # its place. For 5, [1] is a single row, so [2, 4] -> [4] (5), [2] (3).
+    lengths = [(2, 3), (2, 10), (2, 1), (4, 6), (2, 3)]
+    batches = token_budget_batches(lengths, 24)
+    assert split_to_count(lengths, batches, 3) == batches  # already there
+    assert split_to_count(lengths, batches, 4) == [[1], [3], [0], [2, 4]]
+    assert split_to_count(lengths, batches, 5) == [[1], [3], [0], [4], [2]]
+    assert split_to_count(lengths, batches, 9) == [[1], [3], [0], [4], [2]]  # one row each: as far as it goes
+
+
+def test_split_to_count_properties():
+    for lengths, max_tokens in _random_cases(count=150, seed=1):
+        batches = token_budget_batches(lengths, max_tokens)
+        for extra in (0, 1, 3, 50):
+            split = split_to_count(lengths, batches, len(batches) + extra)
+            assert len(split) == min(len(batches) + extra, len(lengths))
+            assert sorted(i for b in split for i in b) == list(range(len(lengths)))  # the same rows
+            for b in split:  # each part of a micro-batch pads to no more than the budget it was packed under
+                assert b and b == sorted(b)
+                assert len(b) == 1 or padded_tokens(lengths, b) <= max_tokens
 
 
 # ---------------------------------------------------------------- padding-free packed rows

@@ -20,7 +20,7 @@ from ampo_train.data import PromptSampler, Row, collate, prepare_prompts, teache
 from ampo_train.guided_step import plan_guidance
 from ampo_train.rewards import format_ok, has_repetition, score_responses
 from ampo_train.rollout import Rollout
-from ampo_train.forward import response_logits
+from ampo_train.forward import response_logprobs
 from ampo_train.trainer import build_rows, train
 from tests.trainer_fixtures import base_config, make_tokenizer, make_world, write_config
 
@@ -153,6 +153,22 @@ def test_plan_guidance_off_always_and_random():
     assert no_store.report.no_trace == 1 and no_store.injections == []
 
 
+def test_wrong_only_injects_min_k_wrong_as_the_reference():
+    store = {"p0": [_trace("alpha", "x"), _trace("beta", "yy")], "p1": [_trace("alpha", "z"), _trace("beta", "ww")],
+             "p2": [_trace("alpha", "v")]}
+    lookup = lambda ids: {i: store.get(i, []) for i in ids}  # noqa: E731
+    rewards = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    ours = plan_guidance(["p0", "p1", "p2"], rewards, lookup, None,
+                         GuidanceSettings(mode="always", k=2, rank="random"), random.Random(0))
+    assert [len([i for i in ours.injections if i.prompt_index == b]) for b in range(3)] == [2, 2, 1]
+    ref = plan_guidance(["p0", "p1", "p2"], rewards, lookup, None,
+                        GuidanceSettings(mode="always", k=2, rank="random", replace="wrong_only"), random.Random(0))
+    # p0: one wrong rollout -> one trace, into that slot; p1: all correct -> none; p2: one candidate
+    assert [(i.prompt_index, i.slot) for i in ref.injections] == [(0, 2), (2, ref.injections[1].slot)]
+    assert ref.rewards[0].tolist() == [1.0, 1.0, 1.0] and ref.rewards[1].tolist() == [1.0, 1.0, 1.0]
+    assert (ref.report.guided, ref.report.all_correct, ref.report.injected) == (2, 1, 2)
+
+
 def test_teacher_rows_tokens_mask_and_rewards(world):
     tok = make_tokenizer()
     from ampo_cache.prompts import Prompt
@@ -177,7 +193,8 @@ def test_teacher_rows_tokens_mask_and_rewards(world):
 
 
 def test_padded_batch_logprobs_match_unpadded_forward(world):
-    """Left-padded prompts + right-padded responses give each row the log-probs of its own forward."""
+    """Left-padded prompts + right-padded responses give each row the log-probs of its own forward
+    (the plain full-logits path), through hidden states and the chunked LM head; padding reads 0."""
     from transformers import AutoModelForCausalLM
 
     from ampo_train.loss import token_logprobs
@@ -186,7 +203,8 @@ def test_padded_batch_logprobs_match_unpadded_forward(world):
     rows = [Row([3, 4, 5, 6, 7], [8, 9, 2], 0.0), Row([10, 11], [12, 13, 14, 15, 16], 1.0), Row([20], [21], 0.0)]
     batch = collate(rows, 0)
     with torch.no_grad():
-        lp = token_logprobs(response_logits(model, batch), batch.response_ids, temperature=0.7)
+        lp = response_logprobs(model, batch, temperature=0.7, chunk_size=2)
+        assert bool((lp[~batch.response_mask] == 0).all())
         for i, row in enumerate(rows):
             ids = torch.tensor([list(row.prompt_ids) + row.response_ids])
             logits = model(ids).logits[0, len(row.prompt_ids) - 1:-1]
@@ -329,12 +347,15 @@ def test_mode_off_from_the_command_line_is_plain_grpo(world, tmp_path):
 
 @pytest.mark.parametrize("aggregation", ["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"])
 def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation):
-    """Gradient accumulation over micro-batches of 3 rows gives the gradient of one batch of 10."""
+    """Gradient accumulation over micro-batches of 3 rows, or packed by a token budget (rows
+    reordered by length), gives the gradient of one batch of 10; activation offloading (a GPU
+    saving, no-op on a CPU) changes nothing in the result."""
     from transformers import AutoModelForCausalLM
 
+    from ampo_train.batching import padded_tokens
     from ampo_train.metrics import StepStats
     from ampo_train.policy import Policy
-    from ampo_train.update import minibatch_backward
+    from ampo_train.update import micro_batches, minibatch_backward, row_lengths
 
     cfg = _config(world, tmp_path, loss={"aggregation": aggregation, "entropy_coef": 0.01})
     model = AutoModelForCausalLM.from_pretrained(world["student"])
@@ -344,15 +365,28 @@ def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation
         prompt = torch.randint(3, 80, (int(torch.randint(2, 7, (1,), generator=gen)),), generator=gen).tolist()
         response = torch.randint(3, 80, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
         rows.append(Row(prompt, response, 0.0, is_teacher=i % 4 == 1, advantage=float(torch.randn(1, generator=gen))))
-    grads = []
-    for micro in (10, 3):
+    budget = 40
+    packed = micro_batches(rows, cfg.model_copy(update={"micro_batch_tokens": budget}))
+    # the budget case is a real one: several micro-batches, rows out of order, each within budget
+    assert 3 < len(packed) < 10 and [i for b in packed for i in b] != list(range(10))
+    assert all(len(b) == 1 or padded_tokens(row_lengths(rows), b) <= budget for b in packed)
+    grads, entropy = [], []
+    for micro, tokens, offload in ((10, None, False), (3, None, False), (10, budget, False), (3, None, True)):
         model.zero_grad()
+        stats = StepStats()
         minibatch_backward(Policy(model, make_tokenizer(), cfg.rollout), rows,
-                           cfg.model_copy(update={"micro_batch_size": micro}), StepStats(), lambda loss: loss.backward())
+                           cfg.model_copy(update={"micro_batch_size": micro, "micro_batch_tokens": tokens,
+                                                  "activation_offload": offload}), stats,
+                           lambda loss: loss.backward())
         grads.append([p.grad.clone() for p in model.parameters()])
+        summary = stats.summary()
+        entropy.append(summary["entropy"])
+        assert summary["update/micro_batches"] == (len(packed) if tokens else -(-10 // micro))
     assert any(g.abs().sum() > 0 for g in grads[0])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    assert entropy == pytest.approx([entropy[0]] * 4, rel=1e-5)
 
 
 def test_minibatches_kl_and_lora_reference(world, tmp_path):

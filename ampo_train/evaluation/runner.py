@@ -206,7 +206,9 @@ class TransformersGenerate:
             output = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device),
                 do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-                top_k=None, max_new_tokens=max_tokens, num_return_sequences=n,
+                # top_k 0: no cut (None would take the generation config's default of 50, which
+                # vLLM and the training rollouts do not apply)
+                top_k=0, max_new_tokens=max_tokens, num_return_sequences=n,
                 pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
             )
         answers = [self._one(tokens) for tokens in output[:, width:].tolist()]
