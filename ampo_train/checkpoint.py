@@ -3,8 +3,10 @@
     OUTPUT_DIR/checkpoints/step-000050/
         model/              the LoRA adapter (peft save_pretrained) or the full model (save_pretrained):
                             safetensors weights and JSON configs
-        optimizer.pt        the optimizer's state_dict: tensors, numbers, lists and dicts (torch.save),
-                            read back with torch.load(weights_only=True)
+        optimizer.pt        the optimizer's whole state keyed by parameter name (torch's
+                            get_optimizer_state_dict, gathered from every process under FSDP2):
+                            tensors, numbers, lists and dicts (torch.save), read back with
+                            torch.load(weights_only=True); the same file under every layout
         scheduler.json      the LR scheduler's state_dict (JSON)
         rng.json            per process (JSON): python, numpy, torch (CPU and CUDA) and the guidance
                             generator
@@ -225,28 +227,40 @@ def _require_plain(value: Any, where: str, tensors: bool) -> None:
                     "so that resuming never unpickles an object")
 
 
+def save_weights(model, folder: Path, weights: dict | None = None) -> None:
+    """``model.save_pretrained(folder)`` as safetensors (a ``PeftModel``: its adapter only).
+    ``weights``: the full state dict of a sharded model (``distributed.full_state_dict``), saved
+    instead of the model's own (sharded) tensors."""
+    if weights is None:
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
     model,
-    optimizer,
+    optimizer_state: dict,
     scheduler,
     rng_states: list[dict],
     trainer_state: dict,
     keep: int | None = None,
+    weights: dict | None = None,
 ) -> Path:
     """Write ``root/step-NNNNNN`` atomically and prune to the newest ``keep``. Main process only.
 
-    ``model`` is the unwrapped model (a ``PeftModel`` saves only its adapter); ``rng_states`` are
-    every process's ``rng_state``.
+    ``model`` is the unwrapped model (a ``PeftModel`` saves only its adapter), ``weights`` its full
+    state dict when it is sharded; ``optimizer_state``: ``distributed.optimizer_state`` (keyed by
+    parameter name); ``rng_states`` are every process's ``rng_state``.
     """
-    optimizer_state, scheduler_state = optimizer.state_dict(), scheduler.state_dict()
+    scheduler_state = scheduler.state_dict()
     _require_plain(optimizer_state, "optimizer state", tensors=True)
     _require_plain(scheduler_state, "scheduler state", tensors=False)
     _require_plain(rng_states, "RNG states", tensors=False)
     final = root / step_dir_name(step)
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        save_weights(model, tmp / "model", weights)
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler_state, indent=1))
         (tmp / RNG_FILE).write_text(json.dumps(rng_states))

@@ -1,23 +1,25 @@
-"""How the student is spread over processes, and the three things sharding changes for the trainer.
+"""How the student is spread over processes, and what sharding changes for the trainer.
 
-    accelerator = make_accelerator(cfg)           # DDP, FSDP2 or DeepSpeed ZeRO, from `accelerate launch`
-    layout = Layout.of(accelerator)               # "single" | "ddp" | "fsdp2" | "zero2" | "zero3"
-    with full_parameters(accelerator, module):    # generation, scoring, old log-probs, engine sync
+    accelerator = make_accelerator(cpu, mixed_precision, lora)   # single, DDP or FSDP2, from `accelerate launch`
+    layout(accelerator)                            # "single" | "ddp" | "fsdp2"
+    with full_parameters(accelerator, module):     # generation, scoring, old log-probs, evaluation
         ...
-    state = full_state_dict(accelerator, module)  # rank 0: every weight, for save_pretrained
+    full_state_dict(accelerator, module)           # main process: every weight, for save_pretrained
+    optimizer_state(accelerator, model, optimizer) # main process: the optimizer state keyed by name
 
-Under DDP and ZeRO-2 every process holds every parameter and nothing changes. Under FSDP2 and ZeRO-3
-each process holds a shard; a forward pass gathers the parameters it needs from all processes, so
-every process must run the same forward passes in the same order. The update does (equal
-micro-batches on every process); generation, comprehension scoring and the no-grad log-probs do
-not (each process stops generating when its own responses end, scores its own guided prompts).
-``full_parameters`` therefore gathers the whole model once per step on every process, runs those
-passes locally, and frees the gathered copy afterwards (it is never kept across the update).
+Under DDP every process holds every parameter and nothing changes. Under FSDP2 each process holds a
+shard of every parameter, gradient and optimizer state; a forward pass gathers the parameters it
+needs from all processes, so every process must run the same forward passes in the same order. The
+update does (the processes agree on their micro-batch count, ``update.agreed_count``); generation,
+comprehension scoring and the no-grad log-probs do not (each process stops generating when its own
+responses end, scores its own guided prompts). ``full_parameters`` therefore gathers the whole
+model once per phase on every process, runs those passes locally, and frees the gathered copy
+afterwards (it is never kept across the update).
 
-Accelerate enables FSDP and DeepSpeed only on GPUs: on a machine without one, `accelerate launch
---config_file fsdp2.yaml` starts gloo processes that would silently train as DDP. ``make_accelerator``
-then switches the state to what the launcher asked for, so the same code path runs (and is tested)
-on CPUs; on GPUs Accelerate does this itself and the switch never happens.
+Accelerate enables FSDP only on GPUs: on a machine without one, `accelerate launch --config_file
+fsdp2.yaml` starts gloo processes that would silently train as DDP. ``make_accelerator`` then
+switches the state to what the launcher asked for, so the same code path runs (and is tested) on
+CPUs; on GPUs Accelerate does this itself and the switch never happens.
 """
 
 from __future__ import annotations
@@ -36,43 +38,39 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def make_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
-    if accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return accelerator
-    state = accelerator.state
+def check_launch(lora: bool) -> None:
+    """Refuse, in one line naming the setting, a launch this trainer cannot run: read from the
+    variables `accelerate launch` sets, so before anything (the Accelerator included) is built."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise InputError("accelerate config", "distributed_type DEEPSPEED is not supported by ampo-train run (see "
+                         "the README's Scale out section): shard a model with examples/accelerate/fsdp2.yaml")
     if _env_flag("ACCELERATE_USE_FSDP"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise InputError("accelerate config", f"fsdp_version {os.environ.get('FSDP_VERSION', '1')} is not supported: "
+                             "set fsdp_config.fsdp_version: 2 (examples/accelerate/fsdp2.yaml)")
+        if lora:
+            raise InputError("lora", "LoRA under FSDP2 is not supported: a LoRA student fits one device, so train it "
+                             "with DDP (examples/accelerate/ddp.yaml), or set lora: null to shard a full model")
+
+
+def make_accelerator(cpu: bool, mixed_precision: str, lora: bool) -> Accelerator:
+    """The run's Accelerator, after ``check_launch``."""
+    check_launch(lora)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_FSDP"):
+        from accelerate.state import PartialState
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
-        if plugin.fsdp_version != 2:
-            raise InputError("accelerate config", "fsdp_version 1 is not supported: use fsdp_version: 2 "
-                             "(examples/accelerate/fsdp2.yaml)")
-        state.fsdp_plugin = plugin
-        state.distributed_type = DistributedType.FSDP
-    elif _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        from accelerate.utils import DeepSpeedPlugin
-
-        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set
-        plugin.set_mixed_precision(mixed_precision)
-        plugin.select(_from_accelerator_state=True)
-        state.deepspeed_plugins = plugin
-        state.distributed_type = DistributedType.DEEPSPEED
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+        # Both singletons: each later AcceleratorState() copies PartialState's value over its own.
+        accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
     return accelerator
 
 
 def layout(accelerator: Accelerator) -> str:
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
+    if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp2"
-    if kind == DistributedType.DEEPSPEED:
-        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
     return "ddp" if accelerator.num_processes > 1 else "single"
-
-
-def sharded(accelerator: Accelerator) -> bool:
-    """Parameters split across processes (a forward pass needs every process)."""
-    return layout(accelerator) in ("fsdp2", "zero3")
 
 
 def _fsdp_modules(module: torch.nn.Module) -> list:
@@ -81,52 +79,102 @@ def _fsdp_modules(module: torch.nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
+def _forget_forward_order(units: list) -> None:
+    """FSDP2 records the order of forwards to prefetch parameters in the backward. Generation and
+    scoring run a different number of forwards on each process, so a record of them would make
+    the processes prefetch different units in the next backward and wait on each other forever.
+    These passes have no backward: drop what they recorded (private FSDP2 state of torch 2.13)."""
+    for unit in units:
+        state = unit._get_fsdp_state()
+        for group in state._fsdp_param_groups:
+            group._post_forward_indices.clear()
+            group.comm_ctx.post_forward_order.clear()
+
+
 @contextlib.contextmanager
 def full_parameters(accelerator: Accelerator, module: torch.nn.Module):
     """Every parameter gathered on every process for the duration (no-grad passes only).
 
-    FSDP2: each FSDP unit is unsharded and told not to reshard after its forward, so generation's
-    many forwards run without communication; afterwards each is resharded (the gathered memory is
-    freed) and its setting restored. ZeRO-3: ``GatheredParameters`` with DeepSpeed's fetch hooks
-    lifted, as TRL does for generation. Otherwise nothing to do.
+    FSDP2: each FSDP unit is unsharded (one all-gather per unit, all processes together) and told
+    not to reshard after its forwards, so generation's many forwards run locally, as many as each
+    process needs; afterwards each unit is resharded (the gathered copy is freed: it is never kept
+    across the update) and the forwards' prefetch record dropped. Otherwise nothing to do.
     """
-    kind = layout(accelerator)
-    if kind == "fsdp2":
-        units = _fsdp_modules(module)
-        for unit in units:
-            unit.set_reshard_after_forward(False, recurse=False)
-            unit.unshard()
-        try:
-            yield module
-        finally:
-            for unit in units:
-                unit.reshard()
-                unit.set_reshard_after_forward(True, recurse=False)
-    elif kind == "zero3":
-        import deepspeed
-
-        engine = accelerator.deepspeed_engine_wrapped.engine
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            optimizer = engine.optimizer
-            optimizer.parameter_offload.remove_module_hooks()
-            try:
-                yield module
-            finally:
-                optimizer.parameter_offload.setup_zero_stage3_hooks()
-    else:
+    if layout(accelerator) != "fsdp2":
         yield module
+        return
+    units = _fsdp_modules(module)
+    # FSDP2 initialises itself lazily at the root's first forward, and that initialisation resets
+    # every parameter to its shard: it must not happen while the units are unsharded (private
+    # FSDP2 state, as below; idempotent).
+    units[0]._get_fsdp_state()._lazy_init()
+    # Each unit's own setting comes back afterwards: the root does not reshard after its forward
+    # (FSDP2 keeps it gathered for the backward that follows), the decoder layers do.
+    reshards = [any(g.post_forward_mesh_info is not None for g in unit._get_fsdp_state()._fsdp_param_groups)
+                for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for unit, reshard in zip(units, reshards):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)
+        _forget_forward_order(units)
+
+
+def as_float(value) -> float:
+    """A (possibly distributed) scalar tensor as a Python float."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
 
 
 def full_state_dict(accelerator: Accelerator, module: torch.nn.Module) -> dict | None:
-    """Every weight as one CPU tensor each, on the main process (None elsewhere). All processes
-    must call it (it gathers)."""
-    kind = layout(accelerator)
-    if kind == "fsdp2":
+    """Every weight as one CPU tensor each, on the main process (None elsewhere). Under FSDP2 all
+    processes must call it (it gathers)."""
+    if layout(accelerator) == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if accelerator.is_main_process else None
-    if kind == "zero3":
-        state = accelerator.get_state_dict(accelerator.deepspeed_engine_wrapped.engine)
-        return state if accelerator.is_main_process else None
     return module.state_dict() if accelerator.is_main_process else None
+
+
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's whole state keyed by parameter name (torch's ``get_optimizer_state_dict``
+    with ``full_state_dict``): the same file whatever the layout and process count, so a run can
+    resume under another one. Under FSDP2 every process calls it and the main process gets it all."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """``optimizer_state``'s dict back into this run's optimizer (each process keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_memory(module: torch.nn.Module, optimizer) -> dict[str, float]:
+    """MiB this process holds of the parameters and of the optimizer state (its shards under
+    FSDP2), and its peak RSS: what sharding saves, for the multi-process tests and the bench."""
+    import resource
+
+    def mib(tensors) -> float:
+        total = 0
+        for t in tensors:
+            local = t.to_local() if hasattr(t, "to_local") else t
+            total += local.numel() * local.element_size()
+        return total / 2**20
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    moments = [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"parameters_mib": mib(module.parameters()), "optimizer_mib": mib(moments),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

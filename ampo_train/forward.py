@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ampo_train.data import RowBatch
 from ampo_train.lm_head import DEFAULT_CHUNK_SIZE, chunked_logprobs
+from ampo_train.loss import token_entropy, token_logprobs
 
 
 def unwrapped(model):
@@ -71,14 +72,26 @@ def final_hidden(model, input_ids: Tensor, attention_mask: Tensor | None = None,
     return captured[0]
 
 
-def response_logprobs(model, mb: RowBatch, temperature: float, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def response_logprobs(model, mb: RowBatch, temperature: float, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
                       with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``[N, R]`` float32 log-probs of the response tokens (and their entropy), 0 on padding.
 
     Response token j is predicted at column P + j - 1: the hidden states at the last R + 1
     columns but the final one. Only the response mask's positions go through the head.
+    ``chunk_size=None``: the model's own head inside its forward (``[N, R, V]`` logits). FSDP2
+    needs that for a pass with gradients: the head's sharded parameters are gathered, and their
+    gradients reduced, only around the root module's own forward and backward.
     """
     r = mb.response_width
+    if chunk_size is None:
+        kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, logits_to_keep=r + 1)
+        if mb.position_ids is not None:
+            kwargs["position_ids"] = mb.position_ids
+        logits = model(**kwargs).logits[:, :-1]
+        logp = torch.where(mb.response_mask, token_logprobs(logits, mb.response_ids, temperature), 0.0)
+        if not with_entropy:
+            return logp
+        return logp, torch.where(mb.response_mask, token_entropy(logits, temperature), 0.0)
     hidden = final_hidden(model, mb.input_ids, mb.attention_mask, mb.position_ids)[:, -(r + 1):-1]
     return chunked_logprobs(hidden, lm_head(model), mb.response_ids, temperature, chunk_size=chunk_size,
                             with_entropy=with_entropy, mask=mb.response_mask)

@@ -22,7 +22,7 @@ positions at a time (``forward.response_logprobs``, ``lm_head.chunked_logprobs``
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -39,11 +39,16 @@ from ampo_train.rollout import Rollout, RolloutEngine, TransformersRollout
 class Policy:
     def __init__(self, model: torch.nn.Module, tokenizer, settings: RolloutSettings, engine: RolloutEngine | None = None,
                  module: torch.nn.Module | None = None, ref_model: torch.nn.Module | None = None,
-                 engine_stale: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 engine_stale: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE, head_in_forward: bool = False,
+                 full_parameters: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         """``engine``: default transformers ``generate`` on ``module``. ``ref_model``: a frozen
         reference for KL (None: a LoRA module's base, adapter disabled). ``engine_stale``: the
         engine does not hold ``module``'s weights yet (e.g. a LoRA adapter not pushed).
-        ``chunk_size``: positions per LM-head chunk (``TrainConfig.logit_chunk_size``)."""
+        ``chunk_size``: positions per LM-head chunk (``TrainConfig.logit_chunk_size``).
+        ``head_in_forward``: the update's pass with gradients runs the model's own head inside its
+        forward (full response logits; FSDP2 needs it, see ``forward.response_logprobs``).
+        ``full_parameters``: a context in which every parameter is on this process (sharded
+        layouts gather them: ``distributed.full_parameters``); the loop runs the no-grad phases in it."""
         self.model = model
         self.module = module if module is not None else model
         self.tokenizer = tokenizer
@@ -53,6 +58,8 @@ class Policy:
         self.ref_model = ref_model
         self._stale = engine_stale
         self.chunk_size = chunk_size
+        self.head_in_forward = head_in_forward
+        self.full_parameters = full_parameters
 
     @property
     def temperature(self) -> float:
@@ -87,7 +94,8 @@ class Policy:
     def response_logprobs(self, mb: RowBatch, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``[N, R]`` log-probs of the response tokens (and entropies) through ``model`` (grad, DDP
         hooks), 0 on padding; the LM head in chunks, so no ``[N, R, V]`` logits."""
-        return response_logprobs(self.model, mb, self.temperature, self.chunk_size, with_entropy)
+        return response_logprobs(self.model, mb, self.temperature, None if self.head_in_forward else self.chunk_size,
+                                 with_entropy)
 
     def _reference(self):
         """The reference policy for KL, as a (model, context) pair."""

@@ -49,12 +49,14 @@ from ampo_cache.store import TraceStore
 from ampo_cache.verify import Verifier
 from ampo_train.advantages import group_advantages
 from ampo_train.checkpoint import (LoadedCheckpoint, atomic_dir, find_checkpoint, load_checkpoint, restore_rng,
-                                   rng_state, save_checkpoint)
+                                   rng_state, save_checkpoint, save_weights)
 from ampo_train.config import TrainConfig
 from ampo_train.data import (PromptSampler, Row, TrainPrompt, assistant_text, prepare_prompts, rank_slice,
                              teacher_response_ids)
 from ampo_train.guided_step import GuidancePlan, StudentScorer, plan_guidance
 from ampo_train.metrics import MetricsLogger, StepStats
+from ampo_train.distributed import (full_parameters, full_state_dict, layout, load_optimizer_state, local_memory,
+                                    make_accelerator, optimizer_state)
 from ampo_train.policy import Policy
 from ampo_train.rewards import score_responses
 from ampo_train.rollout import Rollout, resolve_engine, rollout_seed
@@ -62,7 +64,8 @@ from ampo_train.training_eval import SampleLog, evaluate_during_training, load_e
 from ampo_train.update import minibatch_backward, prepare_rows
 
 # Test hook: when set, every process writes DIR/rank{N}.json (its prompts per step and a hash of
-# its final trainable parameters), so a multi-process test can check the ranks' data and weights.
+# its final trainable parameters, and its memory), so a multi-process test can check the ranks'
+# data and weights, and bench/scale_out.py what each process held.
 DEBUG_DIR_ENV = "AMPO_TRAIN_DEBUG_DIR"
 
 
@@ -233,11 +236,15 @@ def build_rows(batch: Sequence[TrainPrompt], groups: Sequence[Sequence[Rollout]]
 def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | None = None) -> TrainResult:
     """Run (or continue) training as configured. ``until_step`` stops after that step as an
     interruption would (no final save): for time-boxed runs and the resume test."""
-    accelerator = Accelerator(cpu=cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available(),
-                              mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available(),
+                                   cfg.mixed_precision, lora=cfg.lora is not None)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    fsdp = layout(accelerator) == "fsdp2"
     _check_world(cfg, world)
     engine_name = check_engine(cfg)
+    if fsdp and engine_name == "vllm":
+        raise InputError("rollout.engine", "vllm under FSDP2 has not been run yet: use rollout.engine: transformers "
+                         "with examples/accelerate/fsdp2.yaml, or vllm with DDP")
     benchmarks = load_eval_benchmarks(cfg.eval)  # a bad benchmark file fails before anything loads
     from transformers.utils import logging as hf_logging
 
@@ -257,7 +264,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     # The scheduler stays unprepared: it counts real optimizer updates, whatever the process count.
     scheduler = _lr_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(student, optimizer)
-    module = accelerator.unwrap_model(model)  # generation, scoring and no-grad passes skip DDP
+    module = accelerator.unwrap_model(model)  # generation, scoring and no-grad passes skip DDP (FSDP2: the same)
     ref_model = None
     if cfg.loss.kl_coef and cfg.lora is None:  # LoRA's reference is its base: the adapter disabled
         from transformers import AutoModelForCausalLM
@@ -267,14 +274,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     engine = open_engine(engine_name, cfg, module, tokenizer, train_prompts, checkpoint, world)
     # A vLLM engine loaded the base weights only: a LoRA adapter is pushed before the first rollout.
     policy = Policy(model, tokenizer, cfg.rollout, engine=engine, module=module, ref_model=ref_model,
-                    engine_stale=engine is not None and cfg.lora is not None, chunk_size=cfg.logit_chunk_size)
+                    engine_stale=engine is not None and cfg.lora is not None, chunk_size=cfg.logit_chunk_size,
+                    head_in_forward=fsdp, full_parameters=lambda: full_parameters(accelerator, module))
 
     sampler = PromptSampler(len(train_prompts), cfg.seed)
     guidance_rng = random.Random(1_000_003 * cfg.seed + rank)
     set_seed(cfg.seed + rank)
     start_step = 0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        load_optimizer_state(module, optimizer, checkpoint.optimizer)
         scheduler.load_state_dict(checkpoint.scheduler)
         sampler.load_state_dict(checkpoint.state["data"])
         if len(checkpoint.rng_states) == world:
@@ -309,39 +317,44 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
         timer, stats = PhaseTimer(), StepStats()
         step_start = time.perf_counter()
 
-        # 1. sample: this process's slice of the step's prompts, G rollouts each, from the current
-        #    weights (pushed to the engine once here if the last step changed them)
-        batch = [train_prompts[i] for i in rank_slice(sampler.next_batch(cfg.prompts_per_step), rank, world)]
-        debug["prompt_ids"].append([p.prompt_id for p in batch])
-        with timer("sync"):
-            stats.total("rollout/sync_bytes", policy.sync())
-        with timer("generate"):
-            groups = policy.generate([p.token_ids for p in batch], G, seed=rollout_seed(cfg.seed, step, rank))
+        # Steps 1-5 are passes without gradients, as many as each process needs: under FSDP2 every
+        # process holds the whole model for them (gathered once, freed before the update).
+        with policy.full_parameters():
+            # 1. sample: this process's slice of the step's prompts, G rollouts each, from the current
+            #    weights (pushed to the engine once here if the last step changed them)
+            batch = [train_prompts[i] for i in rank_slice(sampler.next_batch(cfg.prompts_per_step), rank, world)]
+            debug["prompt_ids"].append([p.prompt_id for p in batch])
+            with timer("sync"):
+                stats.total("rollout/sync_bytes", policy.sync())
+            with timer("generate"):
+                groups = policy.generate([p.token_ids for p in batch], G, seed=rollout_seed(cfg.seed, step, rank))
 
-        # 2. reward: the verifier on the decoded responses (accuracy is logged before any injection)
-        with timer("reward"):
-            texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for group in groups for r in group]
-            scored = score_responses(verifier, texts, [p.answer for p in batch for _ in range(G)], cfg.reward)
-            rewards = scored.rewards.view(len(batch), G)
+            # 2. reward: the verifier on the decoded responses (accuracy is logged before any injection)
+            with timer("reward"):
+                texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for group in groups for r in group]
+                scored = score_responses(verifier, texts, [p.answer for p in batch for _ in range(G)], cfg.reward)
+                rewards = scored.rewards.view(len(batch), G)
 
-        # 3. guide: cached teacher traces replace wrong rollouts of the prompts the mode selects
-        with timer("guidance"):
-            scorer = StudentScorer(policy, [p.text for p in batch], [p.answer for p in batch], cfg.guidance,
-                                   cfg.target_length)
-            plan = plan_guidance([p.prompt_id for p in batch], rewards, index.lookup if index is not None else None,
-                                 scorer, cfg.guidance, guidance_rng, cfg.reward.correct_threshold,
-                                 text_of=lambda b, trace: assistant_text(trace.text, batch[b].text))
-        rows = build_rows(batch, groups, plan, tokenizer, cfg.target_length)
+            # 3. guide: cached teacher traces replace wrong rollouts of the prompts the mode selects
+            with timer("guidance"):
+                scorer = StudentScorer(policy, [p.text for p in batch], [p.answer for p in batch], cfg.guidance,
+                                       cfg.target_length)
+                plan = plan_guidance([p.prompt_id for p in batch], rewards, index.lookup if index is not None else None,
+                                     scorer, cfg.guidance, guidance_rng, cfg.reward.correct_threshold,
+                                     text_of=lambda b, trace: assistant_text(trace.text, batch[b].text))
+            rows = build_rows(batch, groups, plan, tokenizer, cfg.target_length)
 
-        # 4. advantages over each mixed group
-        advantages = group_advantages(plan.rewards, scale=cfg.loss.advantage_scale).flatten().tolist()
-        for row, advantage in zip(rows, advantages):
-            row.advantage = advantage
+            # 4. advantages over each mixed group
+            advantages = group_advantages(plan.rewards, scale=cfg.loss.advantage_scale).flatten().tolist()
+            for row, advantage in zip(rows, advantages):
+                row.advantage = advantage
+
+            # 5. old (and reference) log-probs, before the first update
+            with timer("logprobs"):
+                prepare_rows(policy, rows, cfg, stats)
 
         with timer("update"):
             stats.total("skipped_updates", 0)
-            # 5. old (and reference) log-probs, before the first update
-            prepare_rows(policy, rows, cfg, stats)
 
             # 6. updates: mini-batches of prompts, accumulated over micro-batches
             local_prompts = cfg.minibatch_prompts // world
@@ -371,7 +384,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
         metrics = _finish_metrics(merged.summary(), step, sampler)
         if benchmarks and (step % cfg.eval.every == 0 or step == cfg.max_steps):
             started = time.perf_counter()
-            metrics.update(evaluate_during_training(policy, benchmarks, cfg, verifier, rank, world))
+            with policy.full_parameters():
+                metrics.update(evaluate_during_training(policy, benchmarks, cfg, verifier, rank, world))
             metrics["time/eval"] = time.perf_counter() - started
         history.append(metrics)
         if logger is not None:
@@ -385,12 +399,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     final_dir = None
     if step == cfg.max_steps and (until_step is None or until_step >= cfg.max_steps):
         final_dir = cfg.output_dir / "final"
+        weights = full_state_dict(accelerator, module) if fsdp else None  # every process gathers
         if main:
-            save_final(module, tokenizer, final_dir, cfg.save_merged)
+            save_final(module, tokenizer, final_dir, cfg.save_merged, weights)
             logger.message(f"saved {'adapter' if cfg.lora else 'model'} and tokenizer to {final_dir}")
         accelerator.wait_for_everyone()
     if debug_dir:
         debug["param_sha256"] = parameter_digest(module)
+        debug.update(local_memory(module, optimizer))
         Path(debug_dir).mkdir(parents=True, exist_ok=True)
         (Path(debug_dir) / f"rank{rank}.json").write_text(json.dumps(debug))
     verifier.close()
@@ -463,21 +479,25 @@ def _finish_metrics(summary: dict, step: int, sampler: PromptSampler) -> dict:
 
 def _save(accelerator: Accelerator, cfg: TrainConfig, step: int, module, optimizer, scheduler,
           sampler: PromptSampler, guidance_rng: random.Random) -> None:
-    """Checkpoint: every process's RNG state is gathered; the main process writes."""
+    """Checkpoint: every process's RNG state, and under FSDP2 every shard of the weights and the
+    optimizer state, are gathered; the main process writes."""
     rng_states = gather_object([rng_state(guidance_rng)])
+    weights = full_state_dict(accelerator, module) if layout(accelerator) == "fsdp2" else None
+    optimizer_dict = optimizer_state(module, optimizer)
     if accelerator.is_main_process:
-        state = {"data": sampler.state_dict(), "world_size": accelerator.num_processes,
+        state = {"data": sampler.state_dict(), "world_size": accelerator.num_processes, "layout": layout(accelerator),
                  "max_steps": cfg.max_steps, "config": json.loads(cfg.model_dump_json())}
-        save_checkpoint(cfg.output_dir / "checkpoints", step, module, optimizer, scheduler, rng_states, state,
-                        keep=cfg.keep_checkpoints)
+        save_checkpoint(cfg.output_dir / "checkpoints", step, module, optimizer_dict, scheduler, rng_states, state,
+                        keep=cfg.keep_checkpoints, weights=weights)
     accelerator.wait_for_everyone()
 
 
-def save_final(module, tokenizer, final_dir: Path, merged: bool = False) -> None:
+def save_final(module, tokenizer, final_dir: Path, merged: bool = False, weights: dict | None = None) -> None:
     """The trained adapter (``PeftModel.from_pretrained(base, final_dir)``) or full model
-    (``AutoModelForCausalLM.from_pretrained(final_dir)``), with the tokenizer beside it; atomically."""
+    (``AutoModelForCausalLM.from_pretrained(final_dir)``), with the tokenizer beside it; atomically.
+    ``weights``: the full state dict of a sharded module (``distributed.full_state_dict``)."""
     with atomic_dir(final_dir) as tmp:
-        module.save_pretrained(tmp, safe_serialization=True)
+        save_weights(module, tmp, weights)
         tokenizer.save_pretrained(tmp)
         if merged and hasattr(module, "merge_and_unload"):
             full = copy.deepcopy(module).merge_and_unload()
@@ -486,10 +506,13 @@ def save_final(module, tokenizer, final_dir: Path, merged: bool = False) -> None
 
 
 def parameter_digest(model) -> str:
-    """SHA-256 of the trainable parameters' bytes, in order (identical weights <=> identical digest)."""
+    """SHA-256 of the trainable parameters' bytes, in order (identical weights <=> identical digest).
+    A sharded parameter is gathered first (every process must call this then)."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         if p.requires_grad:
+            value = p.detach()
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
             digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(value.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

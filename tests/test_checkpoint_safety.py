@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from ampo_cache.errors import InputError
 from ampo_train.checkpoint import FORMAT_KEY, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from ampo_train.distributed import load_optimizer_state, optimizer_state
 from ampo_train.config import load_train_config
 from ampo_train.trainer import train
 from cli.train import app
@@ -257,8 +258,8 @@ def _train_steps(model, optimizer, n: int, scheduler=None) -> None:
 
 
 def _save(tmp_path, model, optimizer, scheduler, rng_states) -> Path:
-    return save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer, scheduler, rng_states,
-                           {"data": {"epoch": 0, "offset": 0}})
+    return save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer_state(model, optimizer), scheduler,
+                           rng_states, {"data": {"epoch": 0, "offset": 0}})
 
 
 def _draws(guidance: random.Random) -> list:
@@ -299,17 +300,19 @@ def test_optimizer_state_comes_back_equal_and_steps_the_same(tiny, tmp_path):
     _train_steps(tiny, optimizer, 2)
     folder = _save(tmp_path, tiny, optimizer, get_scheduler("constant", optimizer), [rng_state(random.Random())])
     loaded = load_checkpoint(folder).optimizer
-    saved = optimizer.state_dict()
-    assert loaded["param_groups"] == saved["param_groups"]
-    assert saved["state"].keys() == loaded["state"].keys() and len(saved["state"]) > 0
-    for index, moments in saved["state"].items():
-        assert moments.keys() == loaded["state"][index].keys()
-        for name, value in moments.items():
-            torch.testing.assert_close(loaded["state"][index][name], value, atol=0, rtol=0)
+    # keyed by parameter name (the same file under DDP and FSDP2), every moment exactly as it was
+    names = [name for name, _ in tiny.named_parameters()]
+    assert loaded["param_groups"][0]["params"] == names and list(loaded["state"]) == names
+    for name, p in tiny.named_parameters():
+        moments = optimizer.state[p]
+        assert moments.keys() == loaded["state"][name].keys()
+        for key, value in moments.items():
+            torch.testing.assert_close(loaded["state"][name][key], value, atol=0, rtol=0)
 
     twin = copy.deepcopy(tiny)
     twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
-    twin_optimizer.load_state_dict(loaded)
+    get_scheduler("constant", twin_optimizer)  # as in the trainer: its param groups gain initial_lr
+    load_optimizer_state(twin, twin_optimizer, loaded)
     _train_steps(tiny, optimizer, 1)
     _train_steps(twin, twin_optimizer, 1)
     for (name, a), b in zip(tiny.named_parameters(), twin.parameters()):
@@ -333,7 +336,7 @@ def test_scheduler_continues_the_same_lr_sequence(tiny, tmp_path, name):
 
     resumed_optimizer, resumed = fresh()
     restarted = resumed.get_last_lr()
-    resumed_optimizer.load_state_dict(loaded.optimizer)
+    load_optimizer_state(tiny, resumed_optimizer, loaded.optimizer)
     resumed.load_state_dict(loaded.scheduler)
     ahead, again = [], []
     for lrs, sched, opt in ((ahead, scheduler, optimizer), (again, resumed, resumed_optimizer)):
