@@ -22,7 +22,7 @@ from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
-from ampo_cache.generation.hf import eos_token_ids
+from ampo_cache.generation.hf import eos_token_ids, left_padded
 from ampo_train.config import RolloutSettings
 from ampo_train.forward import device_of, eval_mode
 
@@ -141,13 +141,8 @@ class TransformersRollout:
     def _generate(self, prompts: Sequence[Sequence[int]], n: int, greedy: bool,
                   s: RolloutSettings) -> list[list[Rollout]]:
         model = self.model_fn()
-        width = max(len(p) for p in prompts)
-        # Left padding: every prompt ends where generation starts.
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
-            attention[i, width - len(ids):] = 1
+        input_ids, attention = left_padded(prompts, self.pad_id)
+        width = input_ids.shape[1]
         # min_p = 0 filters nothing, yet transformers still adds a MinP warper for it (a softmax, a
         # top-k and a scatter over the vocabulary at every generated token); pass it only to
         # cancel a min_p the model's own generation config sets.

@@ -242,9 +242,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     fsdp = layout(accelerator) == "fsdp2"
     _check_world(cfg, world)
     engine_name = check_engine(cfg)
-    if fsdp and engine_name == "vllm":
-        raise InputError("rollout.engine", "vllm under FSDP2 has not been run yet: use rollout.engine: transformers "
-                         "with examples/accelerate/fsdp2.yaml, or vllm with DDP")
     benchmarks = load_eval_benchmarks(cfg.eval)  # a bad benchmark file fails before anything loads
     from transformers.utils import logging as hf_logging
 

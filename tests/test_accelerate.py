@@ -23,20 +23,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(config: Path, *extra: str, config_file: Path | None = None, debug: Path | None = None, timeout: int = 300):
+    """`accelerate launch` of `ampo-train run` in 2 processes: plain (accelerate's flag is named for
+    GPUs; on a machine without one it starts 2 gloo CPU processes) or from an Accelerate config
+    file; ``debug``: the trainer's per-rank debug folder. Returns the completed process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if debug is not None:
+        env[DEBUG_DIR_ENV] = str(debug)
+    if config_file is None:
+        how = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+    else:
+        how = ["--config_file", str(config_file)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", str(_free_port()),
+           "-m", "cli.train", "run", "--config", str(config), *extra]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def test_two_processes_train_different_prompts_in_sync(tmp_path):
     world = make_world(tmp_path / "world", num_prompts=8, covered=0.75)
     config = write_config(tmp_path / "train.yaml", base_config(
         world, tmp_path / "out", max_steps=2, save_steps=1, lora={"r": 4, "alpha": 8}, lr=1e-2))
     debug = tmp_path / "ranks"
-    env = {**os.environ, DEBUG_DIR_ENV: str(debug), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
-    # accelerate's flag is named for GPUs; on a machine without one it starts N gloo CPU processes.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           "-m", "cli.train", "run", "--config", str(config)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = launch(config, debug=debug)
 
     ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
     for step in range(2):
@@ -64,14 +75,7 @@ def test_two_processes_with_a_token_budget_agree_on_micro_batches(tmp_path):
     config = write_config(tmp_path / "train.yaml", base_config(
         world, tmp_path / "out", max_steps=3, lora={"r": 4, "alpha": 8}, lr=1e-2, micro_batch_tokens=120))
     debug = tmp_path / "ranks"
-    env = {**os.environ, DEBUG_DIR_ENV: str(debug), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           "-m", "cli.train", "run", "--config", str(config)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch(config, debug=debug)
     ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -15,17 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_accelerate import REPO, _free_port
+from tests.test_accelerate import REPO, launch
 from tests.trainer_fixtures import base_config, make_world, write_config
 
 EXAMPLES = REPO / "examples" / "accelerate"
-
-
-def _launch(config_file: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-           "--main_process_port", str(_free_port()), "-m", "cli.train", "run", "--config", str(config), *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -49,15 +42,13 @@ def runs(tmp_path_factory):
         config = write_config(root / f"{name}.yaml", base_config(
             world, out, max_steps=3, save_steps=1, keep_checkpoints=None, lr=1e-2, lora=None,
             micro_batch_size=2, mini_batch_prompts=2))
-        done = _launch(EXAMPLES / launcher, config)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        launch(config, config_file=EXAMPLES / launcher)
         outs[name] = out
     for name, source in (("resumed", "fsdp2"), ("crossed", "ddp")):  # both from step 2, under FSDP2
         out = root / f"out-{name}"
         config = write_config(root / f"{name}.yaml", base_config(
             world, out, max_steps=3, save_steps=1, lr=1e-2, lora=None, micro_batch_size=2, mini_batch_prompts=2))
-        done = _launch(EXAMPLES / "fsdp2.yaml", config, "--resume", str(outs[source] / "checkpoints" / "step-000002"))
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        launch(config, "--resume", str(outs[source] / "checkpoints" / "step-000002"), config_file=EXAMPLES / "fsdp2.yaml")
         outs[name] = out
     outs["world"] = world
     return outs

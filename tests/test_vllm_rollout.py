@@ -157,24 +157,30 @@ def test_vllm_lora_ampo_run_logs_logprob_diff_and_resumes_exactly(world, tmp_pat
 def test_two_processes_each_with_a_colocated_engine(world, tmp_path):
     """`accelerate launch` with 2 CPU processes: each builds its own engine (external launcher),
     samples its slice of the prompts with the weights it was sent, and the ranks stay in sync."""
-    import subprocess
-    import sys
-
-    from ampo_train.trainer import DEBUG_DIR_ENV
-    from tests.test_accelerate import REPO, _free_port
+    from tests.test_accelerate import launch
 
     config = write_config(tmp_path / "train.yaml", base_config(
         world, tmp_path / "out", max_steps=2, lora={"r": 4, "alpha": 8}, lr=1e-2,
         rollout={"engine": "vllm", "max_new_tokens": 12}))
     debug = tmp_path / "ranks"
-    env = {**os.environ, DEBUG_DIR_ENV: str(debug), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "cli.train", "run", "--config", str(config)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch(config, debug=debug, timeout=600)
     ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     for m in lines:
         assert m["rollout/logprob_diff"] < 1e-3 and m["rollout/sync_bytes"] > 0
+
+
+def test_fsdp2_streams_gathered_weights_to_each_engine(world, tmp_path):
+    """Full fine-tuning under FSDP2 with 2 processes, each with its own engine: the sync runs
+    inside the gathered phase, so each engine gets every full tensor (not a shard), and after the
+    first update its log-probs still match the trainer's."""
+    from tests.test_accelerate import REPO, launch
+
+    config = write_config(tmp_path / "train.yaml", base_config(
+        world, tmp_path / "out", max_steps=2, lora=None, lr=1e-2, rollout={"engine": "vllm", "max_new_tokens": 12}))
+    launch(config, config_file=REPO / "examples" / "accelerate" / "fsdp2.yaml", timeout=600)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["rollout/sync_bytes"] > 0  # step 2 pushed the updated weights
+    for m in lines:
+        assert m["rollout/logprob_diff"] < 1e-3

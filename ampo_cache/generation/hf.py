@@ -20,6 +20,18 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts as one ``generate`` batch: ``input_ids`` and ``attention_mask`` ``[N, longest]``,
+    left-padded so that every prompt ends where generation starts."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention[i, width - len(ids):] = 1
+    return input_ids, attention
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a response: the model's generation-config EOS ids and the tokenizer's.
 

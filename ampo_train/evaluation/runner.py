@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ampo_cache.errors import InputError
 from ampo_cache.generation import conversation, resolve_backend
+from ampo_cache.generation.hf import left_padded
 from ampo_cache.model_folder import check_model_folder, model_location
 from ampo_cache.teachers import Sampling, Teacher
 from ampo_cache.verify import Verdict, Verifier
@@ -192,13 +193,8 @@ class TransformersGenerate:
     def __call__(self, prompt_token_ids: Sequence[Sequence[int]], n: int, temperature: float, *, top_p: float = 1.0,
                  max_tokens: int, seed: int) -> list[list[Answer]]:
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompt_token_ids)
-        # Left padding: every prompt ends where generation starts.
-        input_ids = torch.full((len(prompt_token_ids), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompt_token_ids), width), dtype=torch.long)
-        for i, ids in enumerate(prompt_token_ids):
-            input_ids[i, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
-            attention[i, width - len(ids):] = 1
+        input_ids, attention = left_padded(prompt_token_ids, self.pad_id)
+        width = input_ids.shape[1]
         greedy = temperature == 0
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), eval_mode(self.model):
