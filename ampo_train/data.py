@@ -126,6 +126,11 @@ class RowBatch:
         return RowBatch(**moved)
 
 
+def row_lengths(rows: Sequence[Row]) -> list[tuple[int, int]]:
+    """(prompt tokens, response tokens) per row: what ``batching`` packs micro-batches by."""
+    return [(len(r.prompt_ids), len(r.response_ids)) for r in rows]
+
+
 def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
     """Pad rows to ``[N, P + R]`` (prompts left, responses right)."""
     n = len(rows)

@@ -126,13 +126,6 @@ def full_parameters(accelerator: Accelerator, module: torch.nn.Module):
         _forget_forward_order(units)
 
 
-def as_float(value) -> float:
-    """A (possibly distributed) scalar tensor as a Python float."""
-    if hasattr(value, "full_tensor"):
-        value = value.full_tensor()
-    return float(value)
-
-
 def full_state_dict(accelerator: Accelerator, module: torch.nn.Module) -> dict | None:
     """Every weight as one CPU tensor each, on the main process (None elsewhere). Under FSDP2 all
     processes must call it (it gathers)."""

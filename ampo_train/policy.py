@@ -30,7 +30,7 @@ from torch import Tensor
 from ampo_train.batching import micro_batch_groups
 from ampo_train.comprehension import no_reasoning_trace, score_candidates
 from ampo_train.config import GuidanceSettings, RolloutSettings
-from ampo_train.data import Row, RowBatch, collate
+from ampo_train.data import Row, RowBatch, collate, row_lengths
 from ampo_train.forward import device_of, eval_mode, response_logprobs
 from ampo_train.lm_head import DEFAULT_CHUNK_SIZE
 from ampo_train.rollout import Rollout, RolloutEngine, TransformersRollout
@@ -111,9 +111,8 @@ class Policy:
         by that token budget instead of ``micro_batch_size`` rows; ``batching.micro_batch_groups``)."""
         out: list[Tensor | None] = [None] * len(rows)
         model, context = self._reference() if reference else (self.module, contextlib.nullcontext())
-        lengths = [(len(r.prompt_ids), len(r.response_ids)) for r in rows]
         with context:
-            for group in micro_batch_groups(lengths, micro_batch_size, max_tokens):
+            for group in micro_batch_groups(row_lengths(rows), micro_batch_size, max_tokens):
                 chunk = [rows[i] for i in group]
                 mb = collate(chunk, self.pad_id).to(self.device)
                 lp = response_logprobs(model, mb, self.temperature, self.chunk_size).cpu()

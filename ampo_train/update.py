@@ -10,7 +10,8 @@ Each micro-batch's loss is normalised by its mini-batch's totals, so the accumul
 the whole mini-batch's, for every aggregation mode (``ampo_train.loss.aggregate``), however the
 rows are grouped: ``micro_batch_size`` rows in order, or packed by the token budget
 ``micro_batch_tokens`` (``ampo_train.batching``). Log-probs and entropy come from the chunked LM
-head (``Policy.response_logprobs``): no ``[rows, tokens, vocabulary]`` logits anywhere.
+head (``Policy.response_logprobs``): no ``[rows, tokens, vocabulary]`` logits, except under FSDP2,
+where the update's pass runs the model's own head inside its forward.
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ from torch import Tensor
 
 from ampo_train.batching import micro_batch_groups, padded_tokens, split_to_count
 from ampo_train.config import TrainConfig
-from ampo_train.data import Row, RowBatch, collate
+from ampo_train.data import Row, RowBatch, collate, row_lengths
 from ampo_train.loss import aggregate, kl_k3, mixed_token_loss, truncated_is_weight
 from ampo_train.metrics import StepStats
-
-
-def row_lengths(rows: Sequence[Row]) -> list[tuple[int, int]]:
-    return [(len(r.prompt_ids), len(r.response_ids)) for r in rows]
 
 
 def micro_batches(rows: Sequence[Row], cfg: TrainConfig) -> list[list[int]]:
