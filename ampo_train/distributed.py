@@ -127,14 +127,14 @@ def full_parameters(accelerator: Accelerator, module: torch.nn.Module):
 
 
 def full_state_dict(accelerator: Accelerator, module: torch.nn.Module) -> dict | None:
-    """Every weight as one CPU tensor each, on the main process (None elsewhere). Under FSDP2 all
-    processes must call it (it gathers)."""
-    if layout(accelerator) == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """Under FSDP2, every weight as one CPU tensor each, on the main process; all processes must
+    call it (it gathers). None elsewhere, and when nothing is sharded (the module saves its own)."""
+    if layout(accelerator) != "fsdp2":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if accelerator.is_main_process else None
-    return module.state_dict() if accelerator.is_main_process else None
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if accelerator.is_main_process else None
 
 
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:

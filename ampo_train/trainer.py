@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     final_dir = None
     if step == cfg.max_steps and (until_step is None or until_step >= cfg.max_steps):
         final_dir = cfg.output_dir / "final"
-        weights = full_state_dict(accelerator, module) if fsdp else None  # every process gathers
+        weights = full_state_dict(accelerator, module)  # FSDP2: every process gathers
         if main:
             save_final(module, tokenizer, final_dir, cfg.save_merged, weights)
             logger.message(f"saved {'adapter' if cfg.lora else 'model'} and tokenizer to {final_dir}")
@@ -479,7 +479,7 @@ def _save(accelerator: Accelerator, cfg: TrainConfig, step: int, module, optimiz
     """Checkpoint: every process's RNG state, and under FSDP2 every shard of the weights and the
     optimizer state, are gathered; the main process writes."""
     rng_states = gather_object([rng_state(guidance_rng)])
-    weights = full_state_dict(accelerator, module) if layout(accelerator) == "fsdp2" else None
+    weights = full_state_dict(accelerator, module)
     optimizer_dict = optimizer_state(module, optimizer)
     if accelerator.is_main_process:
         state = {"data": sampler.state_dict(), "world_size": accelerator.num_processes, "layout": layout(accelerator),
