@@ -4,7 +4,8 @@
         model/              the LoRA adapter (peft save_pretrained) or the full model (save_pretrained):
                             safetensors weights and JSON configs
         optimizer.pt        the optimizer's whole state keyed by parameter name (torch's
-                            get_optimizer_state_dict, gathered from every process under FSDP2):
+                            get_optimizer_state_dict, gathered from every process under FSDP2;
+                            the same layout from DeepSpeed's ZeRO partitions, ampo_train/zero.py):
                             tensors, numbers, lists and dicts (torch.save), read back with
                             torch.load(weights_only=True); the same file under every layout
         scheduler.json      the LR scheduler's state_dict (JSON)

@@ -1,11 +1,12 @@
 """How the student is spread over processes, and what sharding changes for the trainer.
 
-    accelerator = make_accelerator(cpu, mixed_precision, lora)   # single, DDP or FSDP2, from `accelerate launch`
-    layout(accelerator)                            # "single" | "ddp" | "fsdp2"
+    accelerator = make_accelerator(cpu, mixed_precision, lora, max_grad_norm)   # from `accelerate launch`
+    layout(accelerator)                            # "single" | "ddp" | "fsdp2" | "zero2" | "zero3"
     with full_parameters(accelerator, module):     # generation, scoring, old log-probs, evaluation
         ...
+    with accumulating(accelerator, model): ...     # a micro-batch's backward that is not the last
     full_state_dict(accelerator, module)           # main process: every weight, for save_pretrained
-    optimizer_state(accelerator, model, optimizer) # main process: the optimizer state keyed by name
+    optimizer_state(module, optimizer)             # main process: the optimizer state keyed by name
 
 Under DDP every process holds every parameter and nothing changes. Under FSDP2 each process holds a
 shard of every parameter, gradient and optimizer state; a forward pass gathers the parameters it
@@ -14,17 +15,22 @@ update does (the processes agree on their micro-batch count, ``update.agreed_cou
 comprehension scoring and the no-grad log-probs do not (each process stops generating when its own
 responses end, scores its own guided prompts). ``full_parameters`` therefore gathers the whole
 model once per phase on every process, runs those passes locally, and frees the gathered copy
-afterwards (it is never kept across the update).
+afterwards (it is never kept across the update). DeepSpeed ZeRO-2 shards gradients and optimizer
+state but keeps whole parameters; ZeRO-3 shards parameters too and is handled as FSDP2 is
+(``zero.gathered``); how DeepSpeed's engine, which owns the backward, clipping and the optimizer
+step, maps onto the trainer's loop is in ``ampo_train/zero.py``.
 
 Accelerate enables FSDP only on GPUs: on a machine without one, `accelerate launch --config_file
 fsdp2.yaml` starts gloo processes that would silently train as DDP. ``make_accelerator`` then
 switches the state to what the launcher asked for, so the same code path runs (and is tested) on
-CPUs; on GPUs Accelerate does this itself and the switch never happens.
+CPUs; on GPUs Accelerate does this itself and the switch never happens. DeepSpeed the same way
+(``zero.enable_on_cpu``: without a GPU Accelerate's DeepSpeed path would start lone rank-0 processes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -32,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from ampo_cache.errors import InputError
+from ampo_train import zero
 
 
 def _env_flag(name: str) -> bool:
@@ -42,8 +49,7 @@ def check_launch(lora: bool) -> None:
     """Refuse, in one line naming the setting, a launch this trainer cannot run: read from the
     variables `accelerate launch` sets, so before anything (the Accelerator included) is built."""
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise InputError("accelerate config", "distributed_type DEEPSPEED is not supported by ampo-train run (see "
-                         "the README's Scale out section): shard a model with examples/accelerate/fsdp2.yaml")
+        zero.check_launch(lora)
     if _env_flag("ACCELERATE_USE_FSDP"):
         if os.environ.get("FSDP_VERSION", "1") != "2":
             raise InputError("accelerate config", f"fsdp_version {os.environ.get('FSDP_VERSION', '1')} is not supported: "
@@ -53,8 +59,9 @@ def check_launch(lora: bool) -> None:
                              "with DDP (examples/accelerate/ddp.yaml), or set lora: null to shard a full model")
 
 
-def make_accelerator(cpu: bool, mixed_precision: str, lora: bool) -> Accelerator:
-    """The run's Accelerator, after ``check_launch``."""
+def make_accelerator(cpu: bool, mixed_precision: str, lora: bool, max_grad_norm: float | None = None) -> Accelerator:
+    """The run's Accelerator, after ``check_launch``. ``max_grad_norm``: train.yaml's, which
+    DeepSpeed's engine applies itself (``zero.configure``)."""
     check_launch(lora)
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     if accelerator.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_FSDP"):
@@ -64,13 +71,55 @@ def make_accelerator(cpu: bool, mixed_precision: str, lora: bool) -> Accelerator
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
         # Both singletons: each later AcceleratorState() copies PartialState's value over its own.
         accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        zero.enable_on_cpu(accelerator, mixed_precision)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero.configure(accelerator.state.deepspeed_plugin, max_grad_norm, accelerator.num_processes)
     return accelerator
 
 
 def layout(accelerator: Accelerator) -> str:
     if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp2"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
     return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of every parameter (FSDP2, ZeRO-3): then a forward
+    pass gathers parameters, so the update runs the model's own LM head inside its forward
+    (``forward.response_logprobs``) and the no-grad phases run on gathered weights."""
+    return layout(accelerator) in ("fsdp2", "zero3")
+
+
+def unsharded_loading(accelerator: Accelerator):
+    """Around a ``from_pretrained`` whose model must stay whole on every process (the frozen KL
+    reference); see ``zero.unsharded_loading``."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return zero.unsharded_loading(accelerator.state.deepspeed_plugin)
+    return contextlib.nullcontext()
+
+
+def _engine(accelerator: Accelerator):
+    return accelerator.deepspeed_engine_wrapped.engine
+
+
+def accumulating(accelerator: Accelerator, model):
+    """Around the backward of a micro-batch that is not its mini-batch's last: DDP's ``no_sync``
+    (gradients are all-reduced once, on the last), or under DeepSpeed no accumulation boundary
+    (``zero.accumulating``: the engine steps after the last)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return zero.accumulating(accelerator)
+    return accelerator.no_sync(model)
+
+
+def update_applied(accelerator: Accelerator, grad_norm: float) -> bool:
+    """Whether this update should change (DDP, FSDP2: the loop steps the optimizer when the norm
+    is finite) or did change (DeepSpeed: its engine already stepped, or skipped) the weights."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return zero.update_applied(_engine(accelerator), grad_norm)
+    return math.isfinite(grad_norm)
 
 
 def _fsdp_modules(module: torch.nn.Module) -> list:
@@ -98,8 +147,13 @@ def full_parameters(accelerator: Accelerator, module: torch.nn.Module):
     FSDP2: each FSDP unit is unsharded (one all-gather per unit, all processes together) and told
     not to reshard after its forwards, so generation's many forwards run locally, as many as each
     process needs; afterwards each unit is resharded (the gathered copy is freed: it is never kept
-    across the update) and the forwards' prefetch record dropped. Otherwise nothing to do.
+    across the update) and the forwards' prefetch record dropped. ZeRO-3: ``zero.gathered``.
+    Otherwise nothing to do.
     """
+    if layout(accelerator) == "zero3":
+        with zero.gathered(_engine(accelerator)):
+            yield module
+        return
     if layout(accelerator) != "fsdp2":
         yield module
         return
@@ -127,8 +181,11 @@ def full_parameters(accelerator: Accelerator, module: torch.nn.Module):
 
 
 def full_state_dict(accelerator: Accelerator, module: torch.nn.Module) -> dict | None:
-    """Under FSDP2, every weight as one CPU tensor each, on the main process; all processes must
-    call it (it gathers). None elsewhere, and when nothing is sharded (the module saves its own)."""
+    """Under FSDP2 and ZeRO-3, every weight as one CPU tensor each, on the main process; all
+    processes must call it (it gathers). None elsewhere, and when parameters are whole (DDP,
+    ZeRO-2: the module saves its own)."""
+    if layout(accelerator) == "zero3":
+        return zero.full_state_dict(module, accelerator.is_main_process)
     if layout(accelerator) != "fsdp2":
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -139,8 +196,11 @@ def full_state_dict(accelerator: Accelerator, module: torch.nn.Module) -> dict |
 
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     """The optimizer's whole state keyed by parameter name (torch's ``get_optimizer_state_dict``
-    with ``full_state_dict``): the same file whatever the layout and process count, so a run can
-    resume under another one. Under FSDP2 every process calls it and the main process gets it all."""
+    with ``full_state_dict``; under DeepSpeed the same layout from ``zero.optimizer_state``): the
+    same file whatever the layout and process count, so a run can resume under another one. Under
+    FSDP2 and DeepSpeed every process calls it and the main process gets it all."""
+    if zero.is_deepspeed(optimizer):
+        return zero.optimizer_state(model, optimizer)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
@@ -149,6 +209,9 @@ def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     """``optimizer_state``'s dict back into this run's optimizer (each process keeps its shard)."""
+    if zero.is_deepspeed(optimizer):
+        zero.load_optimizer_state(model, optimizer, state)
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -157,17 +220,36 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None
 
 def local_memory(module: torch.nn.Module, optimizer) -> dict[str, float]:
     """MiB this process holds of the parameters and of the optimizer state (its shards under
-    FSDP2), and its peak RSS: what sharding saves, for the multi-process tests and the bench."""
+    FSDP2 and ZeRO; under ZeRO the optimizer state includes its fp32 master partitions), and its
+    peak RSS: what sharding saves, for the multi-process tests and the bench."""
     import resource
 
     def mib(tensors) -> float:
-        total = 0
+        total, seen = 0, set()
         for t in tensors:
-            local = t.to_local() if hasattr(t, "to_local") else t
-            total += local.numel() * local.element_size()
+            local = getattr(t, "ds_tensor", t)  # a ZeRO-3 parameter's partition
+            local = local.to_local() if hasattr(local, "to_local") else local
+            if local.data_ptr() not in seen:  # a tensor counted once, whatever holds it
+                seen.add(local.data_ptr())
+                total += local.numel() * local.element_size()
         return total / 2**20
 
     inner = getattr(optimizer, "optimizer", optimizer)
-    moments = [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
-    return {"parameters_mib": mib(module.parameters()), "optimizer_mib": mib(moments),
+    held = zero.optimizer_tensors(optimizer) if zero.is_deepspeed(optimizer) else [
+        v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"parameters_mib": mib(module.parameters()), "optimizer_mib": mib(held),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def numel(param: torch.Tensor) -> int:
+    """A parameter's full size (a ZeRO-3 parameter is empty outside a gather)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value, gathered when sharded (every process must call it then)."""
+    if hasattr(param, "full_tensor"):  # FSDP2's DTensor
+        return param.detach().full_tensor()
+    if hasattr(param, "ds_id"):  # a ZeRO-3 parameter
+        return zero.full_tensor(param)
+    return param.detach()

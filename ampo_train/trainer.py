@@ -55,8 +55,9 @@ from ampo_train.data import (PromptSampler, Row, TrainPrompt, assistant_text, pr
                              teacher_response_ids)
 from ampo_train.guided_step import GuidancePlan, StudentScorer, plan_guidance
 from ampo_train.metrics import MetricsLogger, StepStats
-from ampo_train.distributed import (full_parameters, full_state_dict, layout, load_optimizer_state, local_memory,
-                                    make_accelerator, optimizer_state)
+from ampo_train.distributed import (accumulating, full_parameters, full_state_dict, full_tensor, layout,
+                                    load_optimizer_state, local_memory, make_accelerator, numel, optimizer_state,
+                                    shards_parameters, unsharded_loading, update_applied)
 from ampo_train.policy import Policy
 from ampo_train.rewards import score_responses
 from ampo_train.rollout import Rollout, resolve_engine, rollout_seed
@@ -178,12 +179,14 @@ def apply_update(accelerator: Accelerator, model, optimizer, scheduler, policy: 
                  stats: StepStats) -> float:
     """Clip the accumulated gradient and step, unless its norm is not finite: then, as the
     reference does, the update is skipped (weights, optimizer moments and LR schedule untouched)
-    and counted in ``skipped_updates``. Returns the gradient norm before clipping."""
+    and counted in ``skipped_updates``. Returns the gradient norm before clipping. (Under
+    DeepSpeed its engine has already clipped and stepped, or skipped, in the last backward, and
+    this reads the norm it computed: see ``ampo_train/zero.py``.)"""
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")))
     stats.mean("lr", scheduler.get_last_lr()[0])
-    if math.isfinite(grad_norm):
+    if update_applied(accelerator, grad_norm):
         stats.mean("grad_norm", grad_norm)
-        optimizer.step()
+        optimizer.step()  # DeepSpeed: a no-op (its engine stepped)
         scheduler.step()
         policy.weights_changed()
     else:
@@ -237,9 +240,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     """Run (or continue) training as configured. ``until_step`` stops after that step as an
     interruption would (no final save): for time-boxed runs and the resume test."""
     accelerator = make_accelerator(cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available(),
-                                   cfg.mixed_precision, lora=cfg.lora is not None)
+                                   cfg.mixed_precision, lora=cfg.lora is not None, max_grad_norm=cfg.max_grad_norm)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    fsdp = layout(accelerator) == "fsdp2"
     _check_world(cfg, world)
     engine_name = check_engine(cfg)
     benchmarks = load_eval_benchmarks(cfg.eval)  # a bad benchmark file fails before anything loads
@@ -261,18 +263,20 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     # The scheduler stays unprepared: it counts real optimizer updates, whatever the process count.
     scheduler = _lr_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(student, optimizer)
-    module = accelerator.unwrap_model(model)  # generation, scoring and no-grad passes skip DDP (FSDP2: the same)
+    module = accelerator.unwrap_model(model)  # generation, scoring and no-grad passes skip DDP (FSDP2, ZeRO: the same)
     ref_model = None
     if cfg.loss.kl_coef and cfg.lora is None:  # LoRA's reference is its base: the adapter disabled
         from transformers import AutoModelForCausalLM
 
-        ref_model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype))
+        with unsharded_loading(accelerator):  # a frozen whole copy on every process, never partitioned
+            ref_model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype))
         ref_model.to(accelerator.device).eval().requires_grad_(False)
     engine = open_engine(engine_name, cfg, module, tokenizer, train_prompts, checkpoint, world)
     # A vLLM engine loaded the base weights only: a LoRA adapter is pushed before the first rollout.
     policy = Policy(model, tokenizer, cfg.rollout, engine=engine, module=module, ref_model=ref_model,
                     engine_stale=engine is not None and cfg.lora is not None, chunk_size=cfg.logit_chunk_size,
-                    head_in_forward=fsdp, full_parameters=lambda: full_parameters(accelerator, module))
+                    head_in_forward=shards_parameters(accelerator),
+                    full_parameters=lambda: full_parameters(accelerator, module))
 
     sampler = PromptSampler(len(train_prompts), cfg.seed)
     guidance_rng = random.Random(1_000_003 * cfg.seed + rank)
@@ -363,7 +367,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
                         local = torch.tensor([sum(len(r.response_ids) for r in mini)], device=accelerator.device)
                         num_tokens = float(accelerator.reduce(local, "sum").item()) / world
                     minibatch_backward(policy, mini, cfg, stats, accelerator.backward,
-                                       lambda: accelerator.no_sync(model), num_tokens)
+                                       lambda: accumulating(accelerator, model), num_tokens)
                     stats.mean("loss/policy", 0.0, 1.0)
                     grad_norm = apply_update(accelerator, model, optimizer, scheduler, policy, cfg.max_grad_norm,
                                              stats)
@@ -396,7 +400,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
     final_dir = None
     if step == cfg.max_steps and (until_step is None or until_step >= cfg.max_steps):
         final_dir = cfg.output_dir / "final"
-        weights = full_state_dict(accelerator, module)  # FSDP2: every process gathers
+        weights = full_state_dict(accelerator, module)  # FSDP2, ZeRO-3: every process gathers
         if main:
             save_final(module, tokenizer, final_dir, cfg.save_merged, weights)
             logger.message(f"saved {'adapter' if cfg.lora else 'model'} and tokenizer to {final_dir}")
@@ -418,8 +422,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
 
 def _announce(logger: MetricsLogger, cfg: TrainConfig, module, world: int, prompts, index, teachers, checkpoint,
               engine: str) -> None:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(numel(p) for p in module.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in module.parameters())
     what = f"LoRA r={cfg.lora.r}" if cfg.lora else "full fine-tuning"
     logger.message(f"student {cfg.student} ({what}: {trainable:,} of {total:,} parameters trained), "
                    f"{world} process{'es' if world > 1 else ''}, rollouts by {engine}, guidance {cfg.guidance.mode}")
@@ -476,8 +480,8 @@ def _finish_metrics(summary: dict, step: int, sampler: PromptSampler) -> dict:
 
 def _save(accelerator: Accelerator, cfg: TrainConfig, step: int, module, optimizer, scheduler,
           sampler: PromptSampler, guidance_rng: random.Random) -> None:
-    """Checkpoint: every process's RNG state, and under FSDP2 every shard of the weights and the
-    optimizer state, are gathered; the main process writes."""
+    """Checkpoint: every process's RNG state, and under FSDP2 and ZeRO every shard of the weights
+    and the optimizer state, are gathered; the main process writes."""
     rng_states = gather_object([rng_state(guidance_rng)])
     weights = full_state_dict(accelerator, module)
     optimizer_dict = optimizer_state(module, optimizer)
@@ -508,8 +512,7 @@ def parameter_digest(model) -> str:
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         if p.requires_grad:
-            value = p.detach()
-            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            value = full_tensor(p)
             digest.update(name.encode())
             digest.update(value.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

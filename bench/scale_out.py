@@ -1,16 +1,19 @@
-"""Memory per process and step time: DDP vs FSDP2, 2 processes, the same full fine-tuning run.
+"""Memory per process and step time: DDP vs FSDP2 vs DeepSpeed ZeRO-2 and ZeRO-3, 2 processes, the
+same full fine-tuning run.
 
     python bench/scale_out.py [--hidden 768] [--layers 6] [--steps 4] [--json]
 
 A random Llama student (hidden 768, 6 layers: 35M parameters, 134 MiB in float32) in the trainer's
 miniature world (``tests/trainer_fixtures.make_world``: char tokenizer, addition prompts, a trace
 store) trains with AMPO guidance on, through ``ampo-train run`` launched by
-``accelerate launch --config_file examples/accelerate/{ddp,fsdp2}.yaml`` (2 gloo CPU processes,
-one torch thread each), one arm after the other. Each process reports (the trainer's debug hook,
-``distributed.local_memory``) the MiB it holds of the parameters and of AdamW's state (its shards
-under FSDP2) and its peak RSS; the step time is the median ``time/step`` from metrics.jsonl, step
-1 left out. Printed per arm: those figures (the larger of the two processes) and the FSDP2/DDP
-ratios; ``--json``: the same as one JSON object on the last line.
+``accelerate launch --config_file examples/accelerate/{ddp,fsdp2,zero2,zero3}.yaml`` (2 gloo CPU
+processes, one torch thread each), one arm after the other (the ZeRO arms only where deepspeed is
+installed). Each process reports (the trainer's debug hook, ``distributed.local_memory``) the MiB
+it holds of the parameters and of the optimizer state (its shards under FSDP2 and ZeRO; under ZeRO
+the optimizer state includes its fp32 master partitions) and its peak RSS; the step time is the
+median ``time/step`` from metrics.jsonl, step 1 left out. Printed per arm: those figures (the
+larger of the two processes) and each arm's ratios to DDP; ``--json``: the same as one JSON object
+on the last line.
 
 Not a timed test: run it on a quiet machine, under ``flock /tmp/ampo-heavy.lock`` where machines
 are shared.
@@ -19,6 +22,7 @@ are shared.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from ampo_train.trainer import DEBUG_DIR_ENV  # noqa: E402
 from tests.trainer_fixtures import base_config, make_world, write_config  # noqa: E402
 
-ARMS = {"ddp": "ddp.yaml", "fsdp2": "fsdp2.yaml"}
+ARMS = {"ddp": "ddp.yaml", "fsdp2": "fsdp2.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 
 
 def _free_port() -> int:
@@ -71,25 +75,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    arms = [name for name in ARMS if not name.startswith("zero") or importlib.util.find_spec("deepspeed")]
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         world = make_world(work / "world", num_prompts=8, covered=0.75, hidden=args.hidden, layers=args.layers)
-        results = {name: run_arm(name, world, work, args.steps) for name in ARMS}
+        results = {name: run_arm(name, world, work, args.steps) for name in arms}
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    ddp, fsdp = results["ddp"], results["fsdp2"]
-    state = {name: r["parameters_mib"] + r["optimizer_mib"] for name, r in results.items()}
-    ratios = {"parameters+optimizer": state["fsdp2"] / state["ddp"], "peak_rss": fsdp["peak_rss_mib"] / ddp["peak_rss_mib"],
-              "step_s": fsdp["step_s"] / ddp["step_s"]}
+    for r in results.values():
+        r["state_mib"] = r["parameters_mib"] + r["optimizer_mib"]
+    columns = ("parameters_mib", "optimizer_mib", "state_mib", "peak_rss_mib", "step_s")
+    ddp = results["ddp"]
+    ratios = {name: {key: r[key] / ddp[key] for key in columns} for name, r in results.items() if name != "ddp"}
     print(f"\nstudent: hidden {args.hidden}, {args.layers} layers; 2 processes; per process (the larger of the two):")
-    print("| arm | parameters | AdamW state | parameters + optimizer | peak RSS | step (median) |")
+    print("| arm | parameters | optimizer state | parameters + optimizer | peak RSS | step (median) |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['parameters_mib']:.0f} MiB | {r['optimizer_mib']:.0f} MiB | {state[name]:.0f} MiB | "
+        print(f"| {name} | {r['parameters_mib']:.0f} MiB | {r['optimizer_mib']:.0f} MiB | {r['state_mib']:.0f} MiB | "
               f"{r['peak_rss_mib']:.0f} MiB | {r['step_s']:.2f} s |")
-    print(f"| FSDP2/DDP | {fsdp['parameters_mib'] / ddp['parameters_mib']:.2f}x | "
-          f"{fsdp['optimizer_mib'] / ddp['optimizer_mib']:.2f}x | {ratios['parameters+optimizer']:.2f}x | "
-          f"{ratios['peak_rss']:.2f}x | {ratios['step_s']:.2f}x |")
+    for name, ratio in ratios.items():
+        print(f"| {name}/DDP | " + " | ".join(f"{ratio[key]:.2f}x" for key in columns) + " |")
     if args.json:
         print(json.dumps({"arms": results, "ratios": ratios}))
 

@@ -27,6 +27,14 @@ def launch(config: Path, *extra: str, config_file: Path | None = None, debug: Pa
     """`accelerate launch` of `ampo-train run` in 2 processes: plain (accelerate's flag is named for
     GPUs; on a machine without one it starts 2 gloo CPU processes) or from an Accelerate config
     file; ``debug``: the trainer's per-rank debug folder. Returns the completed process."""
+    return launch_program(["-m", "cli.train", "run", "--config", str(config), *extra], config_file=config_file,
+                          debug=debug, timeout=timeout)
+
+
+def launch_program(program: list[str], config_file: Path | None = None, debug: Path | None = None,
+                   timeout: int = 300):
+    """`accelerate launch` of ``program`` (a script and its arguments, or ``-m`` and a module) as
+    ``launch`` starts the trainer."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     if debug is not None:
         env[DEBUG_DIR_ENV] = str(debug)
@@ -36,7 +44,7 @@ def launch(config: Path, *extra: str, config_file: Path | None = None, debug: Pa
     else:
         how = ["--config_file", str(config_file)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", str(_free_port()),
-           "-m", "cli.train", "run", "--config", str(config), *extra]
+           *program]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

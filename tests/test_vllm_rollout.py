@@ -171,15 +171,17 @@ def test_two_processes_each_with_a_colocated_engine(world, tmp_path):
         assert m["rollout/logprob_diff"] < 1e-3 and m["rollout/sync_bytes"] > 0
 
 
-def test_fsdp2_streams_gathered_weights_to_each_engine(world, tmp_path):
-    """Full fine-tuning under FSDP2 with 2 processes, each with its own engine: the sync runs
-    inside the gathered phase, so each engine gets every full tensor (not a shard), and after the
-    first update its log-probs still match the trainer's."""
+@pytest.mark.parametrize("layout", ["fsdp2", pytest.param("zero3", marks=pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"))])
+def test_a_sharded_layout_streams_gathered_weights_to_each_engine(world, tmp_path, layout):
+    """Full fine-tuning under FSDP2 or DeepSpeed ZeRO-3 with 2 processes, each with its own engine:
+    the sync runs inside the gathered phase, so each engine gets every full tensor (not a shard),
+    and after the first update its log-probs still match the trainer's."""
     from tests.test_accelerate import REPO, launch
 
     config = write_config(tmp_path / "train.yaml", base_config(
         world, tmp_path / "out", max_steps=2, lora=None, lr=1e-2, rollout={"engine": "vllm", "max_new_tokens": 12}))
-    launch(config, config_file=REPO / "examples" / "accelerate" / "fsdp2.yaml", timeout=600)
+    launch(config, config_file=REPO / "examples" / "accelerate" / f"{layout}.yaml", timeout=600)
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["rollout/sync_bytes"] > 0  # step 2 pushed the updated weights
     for m in lines:
