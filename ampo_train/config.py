@@ -403,12 +403,17 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = (), ba
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
         for parts, _, item in edits:
             key = ".".join(parts)
             if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".") and loc:
-                problem = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+                problem = "unknown key" if error["type"] == "extra_forbidden" else message
                 raise InputError("command line", f"{item!r}: {problem}") from None
         if path is not None:
-            load_yaml_model(path, TrainConfig)  # the file alone is wrong: report it with its line
+            try:
+                load_yaml_model(path, TrainConfig)
+            except InputError as file_error:
+                if message in str(file_error):  # the file alone is wrong in the same way: report it with its line
+                    raise
         where = f"{path or 'saved config'} with {' '.join(item for _, _, item in edits)}" if edits else str(path or "config")
-        raise InputError(where, f"{loc or '(top level)'}: {error['msg'].removeprefix('Value error, ')}") from None
+        raise InputError(where, f"{loc or '(top level)'}: {message}") from None

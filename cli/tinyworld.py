@@ -37,7 +37,7 @@ def print_accuracy(summary: dict) -> None:
 def build(
     folder: Path = typer.Argument(..., help="Where to build the world (replaced if it exists)."),
     seed: int = typer.Option(0, help="Same seed, same problems."),
-    size: str = typer.Option("full", help="full (the demo, ~10 min on 2 cores) | small (for tests, < 1 min)."),
+    size: str = typer.Option("full", help="full (the demo's world, ~3 min on 2 cores) | small (for tests, < 1 min)."),
 ):
     """Build problems, tokenizer, four teachers and a student; print their accuracy per level."""
     from ampo_cache.errors import InputError
@@ -104,7 +104,7 @@ def demo(
 @app.command()
 def experiment(
     folder: Path = typer.Argument(Path("tiny"), help="The tiny world's folder (built there when missing)."),
-    arms: str = typer.Option("grpo,ampo", help="Comma-separated arms: grpo, ampo, ampo-k1, ampo-k4, ampo-random, "
+    arms: str = typer.Option("grpo,ampo", help="Comma-separated arms: grpo, ampo, ampo-k2, ampo-k4, ampo-random, "
                                                "ampo-always (see tinyworld/experiment.py)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds; every arm runs every seed."),
     samples: int = typer.Option(16, min=1, help="Sampled answers per test problem."),

@@ -1,9 +1,11 @@
-from tinyworld.diagnose import guessed_fraction
+from tinyworld.diagnose import box_vs_chain
 
 
-def test_guessed_fraction_compares_the_box_with_the_chain():
-    texts = ["3+4+5=7+5=12 \\boxed{12}",   # derived
-             "8+6=14 \\boxed{13}",          # guessed: the box ignores the chain's 14
-             "\\boxed{9}",                  # no chain: not counted
-             "1+2=3"]                       # no box (the last number is the chain's): derived
-    assert guessed_fraction(texts) == (1, 3)
+def test_box_vs_chain_compares_the_box_with_the_last_reduction():
+    texts = ["3+4+5=7+5=\\boxed{12}",   # derived and right
+             "8+6=\\boxed{13}",          # off chain (8+6 is 14), wrong
+             "9+9+9=17+9=\\boxed{27}",   # off chain and lucky: the chain slipped (9+9=17), the box is right
+             "\\boxed{9}",               # no chain: not counted
+             "1+2=3"]                    # no box: not counted
+    answers = ["12", "14", "27", "9", "3"]
+    assert box_vs_chain(texts, answers) == (2, 1, 3)

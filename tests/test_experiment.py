@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from typer.testing import CliRunner
 
 from cli.cache import app
@@ -13,7 +15,7 @@ def test_experiment_runs_summarises_and_resumes(tiny_world, tmp_path, capfd):
     shutil.copytree(tiny_world.root, world)
     out = tmp_path / "exp"
     args = ["tiny-world", "experiment", str(world), "--arms", "grpo,ampo", "--seeds", "0,1", "--samples", "2",
-            "--out", str(out), "max_steps=2", "prompts_per_step=4", "group_size=4"]
+            "--out", str(out), "max_steps=2", "prompts_per_step=4", "mini_batch_prompts=2", "group_size=4"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     printed = capfd.readouterr().out + result.output
@@ -28,11 +30,16 @@ def test_experiment_runs_summarises_and_resumes(tiny_world, tmp_path, capfd):
     # guidance never fires with it off, and every arm logged its guided fraction
     assert summary["results"]["grpo"]["training"]["guided_first_fifth"]["max"] == 0.0
     assert 0.0 <= summary["results"]["ampo"]["training"]["guided_first_fifth"]["mean"] <= 1.0
+    # adaptive guidance answers only all-wrong groups; GRPO logs its all-wrong groups too
+    for arm in ("grpo", "ampo"):
+        training = summary["results"][arm]["training"]
+        assert training["guided_first_fifth"]["mean"] <= training["all_wrong_first_fifth"]["mean"] <= 1.0
     for run in ("grpo/seed0", "grpo/seed1", "ampo/seed0", "ampo/seed1"):
         history = [json.loads(line) for line in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in history] == [1, 2]
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| model | L1 avg@n") and len(table) == 2 + 3 and " ± " in table[3]
+    assert table[0].startswith("| model | L1 avg@n") and table[0].endswith("all-wrong groups: first → last fifth |")
+    assert len(table) == 2 + 3 and " ± " in table[3]
     for png in ("results-learning_curves.png", "results-pass_at_k.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -47,3 +54,21 @@ def test_experiment_runs_summarises_and_resumes(tiny_world, tmp_path, capfd):
 def test_experiment_rejects_unknown_arms(tiny_world, tmp_path):
     result = CliRunner().invoke(app, ["tiny-world", "experiment", str(tmp_path), "--arms", "grpo,magic"])
     assert result.exit_code == 2 and "unknown arm(s) magic" in result.output
+
+
+def test_training_figures_by_hand():
+    from tinyworld.experiment import training_figures
+
+    # 10 steps: fifths of 2 steps. Guided 0.5, 0.3 first, 0.1, 0.0 last; all-wrong a step above.
+    guided = [0.5, 0.3, 0.4, 0.4, 0.2, 0.2, 0.3, 0.1, 0.1, 0.0]
+    history = [{"step": i + 1, "guidance/fraction": g, "groups/all_wrong": g + 0.1, "clip/fraction": 0.01 * i,
+                "comprehension/picked": 0.6 if i % 2 else float("nan"), "comprehension/unpicked": 0.2}
+               for i, g in enumerate(guided)]
+    figures = training_figures(history)
+    assert figures["guided_first_fifth"] == pytest.approx(0.4) and figures["guided_last_fifth"] == pytest.approx(0.05)
+    assert figures["all_wrong_first_fifth"] == pytest.approx(0.5) and figures["all_wrong_last_fifth"] == pytest.approx(0.15)
+    assert figures["clip_fraction"] == pytest.approx(0.045)  # mean of 0.00 .. 0.09
+    assert figures["comprehension_picked"] == pytest.approx(0.6)  # NaN steps (nothing scored) left out
+    # GRPO logs no comprehension: the figure is absent, not NaN (results.json stays strict JSON)
+    grpo = training_figures([{k: v for k, v in row.items() if not k.startswith("comprehension")} for row in history])
+    assert "comprehension_picked" not in grpo and grpo["guided_first_fifth"] == pytest.approx(0.4)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ampo_cache.verify import verify_one
 from tinyworld.problems import TERMS_PER_LEVEL, ProblemSampler, held_out_problems
-from tinyworld.styles import STYLES, render
+from tinyworld.styles import STYLES, last_expression_value, render
 from tinyworld.tokenizer import build_tokenizer
 
 
@@ -41,19 +41,20 @@ def test_answers_are_the_sums_of_the_problem_text():
 def test_every_style_reduces_correctly_and_ends_boxed(style):
     terms = (3, 5, 7, 2, 4)
     trace = render(style, terms)
-    assert trace.endswith("\\boxed{21}")
-    steps = trace.split(" ")[0].split("=")
-    assert steps[0] == "3+5+7+2+4" and steps[-1] == "21"
+    assert trace.endswith("=\\boxed{21}")  # the last reduction is written into the box, not copied
+    steps = trace.removesuffix("=\\boxed{21}").split("=")
+    assert steps[0] == "3+5+7+2+4" and "+" in steps[-1]
     for step in steps:  # every line of the reduction is the same sum
         assert eval(step) == 21
+    assert last_expression_value(trace) == 21
     assert verify_one(trace, "21").correct
 
 
 def test_styles_differ_in_their_order_of_steps():
     traces = {render(style, (3, 5, 7, 2)) for style in STYLES}
     assert len(traces) == 4
-    assert render("forward", (3, 5, 7, 2)) == "3+5+7+2=8+7+2=15+2=17 \\boxed{17}"
-    assert render("pairs", (3, 5, 7, 2)) == "3+5+7+2=8+9=17 \\boxed{17}"
+    assert render("forward", (3, 5, 7, 2)) == "3+5+7+2=8+7+2=15+2=\\boxed{17}"
+    assert render("pairs", (3, 5, 7, 2)) == "3+5+7+2=8+9=\\boxed{17}"
 
 
 def test_tokenizer_round_trips_and_renders_its_chat_template(tmp_path):

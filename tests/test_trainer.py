@@ -71,6 +71,12 @@ def test_config_overrides_defaults_and_located_errors(world, tmp_path):
     line = bad.read_text().splitlines().index("  rnak: random") + 1
     with pytest.raises(InputError, match=rf"bad\.yaml:{line}: guidance\.rnak: unknown key"):
         load_train_config(bad)
+    # The file alone is wrong in one way (no store for its guidance), the overrides fix that and
+    # break something else: the error names what is wrong with the combination, not the file's.
+    no_store = tmp_path / "no_store.yaml"
+    no_store.write_text(path.read_text() + f"store: {tmp_path / 'absent'}\n")
+    with pytest.raises(InputError, match=r"with guidance\.mode=off prompts_per_step=3 mini_batch_prompts=2: .*multiple of mini_batch_prompts"):
+        load_train_config(no_store, ["guidance.mode=off", "prompts_per_step=3", "mini_batch_prompts=2"])
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -406,7 +412,7 @@ def test_tiny_world_train_yaml_runs(tiny_world, tmp_path):
     """The tiny world's generated train.yaml fits this schema and trains (its store is built by
     `ampo-cache build`, which this test skips: guidance off)."""
     cfg = load_train_config(tiny_world.train_yaml, [
-        "guidance.mode=off", f"output_dir={tmp_path / 'out'}", "max_steps=1", "prompts_per_step=2", "group_size=4",
+        "guidance.mode=off", f"output_dir={tmp_path / 'out'}", "max_steps=1", "prompts_per_step=2", "mini_batch_prompts=null", "group_size=4",
         "rollout.max_new_tokens=32", "tensorboard=false"])
     result = train(cfg)
     assert result.final_dir is not None and result.history[0]["response_length/mean"] > 0
@@ -417,6 +423,6 @@ def test_trains_from_verl_layout_prompts(tiny_world, tmp_path):
     verl = os.path.join(os.path.dirname(__file__), "..", "data", "examples", "verl.parquet")
     cfg = load_train_config(tiny_world.train_yaml, [
         f"prompts={verl}", "guidance.mode=off", f"output_dir={tmp_path / 'out'}", "max_steps=1",
-        "prompts_per_step=2", "group_size=2", "rollout.max_new_tokens=8", "tensorboard=false"])
+        "prompts_per_step=2", "mini_batch_prompts=null", "group_size=2", "rollout.max_new_tokens=8", "tensorboard=false"])
     result = train(cfg)
     assert result.history[0]["response_length/mean"] > 0

@@ -3,37 +3,38 @@ reasoning reached?
 
     python -m tinyworld.diagnose tiny/student tiny/experiment/runs/grpo/seed0/final ...
 
-For each level, over 16 samples per held-out problem at temperature 0.6: the fraction of answers
-whose ``\\boxed{}`` differs from the last ``=N`` of their own reduction chain ("guessed": the
-box no longer follows the arithmetic), and the accuracy of the chain's own last result. Outcome
-rewards pay a guessed box that happens to be right as much as a derived one; this shows whether
-training taught that.
+For each level, over 16 samples per held-out problem at temperature 0.6, two fractions of the
+answers that have both a chain and a box: "off chain", whose ``\\boxed{}`` differs from the value
+of the expression their own chain wrote just before ``=\\boxed{`` (the box does not follow from the
+model's last reduction: a slip in that last addition, or a guess), and "lucky", whose box is the
+right answer although their last reduction is not (a chain that went wrong, a box right by
+chance). Outcome rewards pay a lucky box as much as a derived one; this shows whether training
+taught that.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 from pathlib import Path
 
 from ampo_cache.verify import extract_answer
 from ampo_train.evaluation.benchmarks import load_benchmark
 from ampo_train.evaluation.runner import EvalSettings, ModelSpec, Sampler
+from tinyworld.styles import last_expression_value
 
-_RESULT = re.compile(r"=(\d+)")
 
-
-def guessed_fraction(texts: list[str]) -> tuple[int, int]:
-    """(answers whose box differs from the chain's last result, answers with both)."""
-    guessed = total = 0
-    for text in texts:
-        chain = _RESULT.findall(text.split("\\boxed")[0])
+def box_vs_chain(texts: list[str], answers: list[str]) -> tuple[int, int, int]:
+    """(off chain, lucky, answers with both a last reduction and a box); see the module docstring."""
+    off = lucky = total = 0
+    for text, answer in zip(texts, answers, strict=True):
+        derived = last_expression_value(text)
         boxed = extract_answer(text)
-        if chain and boxed is not None:
+        if derived is not None and boxed is not None:
             total += 1
-            guessed += chain[-1] != boxed
-    return guessed, total
+            off += str(derived) != boxed
+            lucky += boxed == answer and str(derived) != answer
+    return off, lucky, total
 
 
 def main() -> None:
@@ -42,9 +43,9 @@ def main() -> None:
     parser.add_argument("--world", type=Path, default=Path("tiny"))
     parser.add_argument("--samples", type=int, default=16)
     args = parser.parse_args()
-    settings = EvalSettings(samples=args.samples, temperature=0.6, max_tokens=96)
+    settings = EvalSettings(samples=args.samples, temperature=0.6, max_tokens=64)
     levels = sorted(int(p.stem.removeprefix("test_level")) for p in (args.world / "prompts").glob("test_level*.parquet"))
-    print("model | " + " | ".join(f"L{lv} guessed" for lv in levels))
+    print("model | " + " | ".join(f"L{lv} off chain / lucky" for lv in levels))
     for model in args.models:
         with contextlib.ExitStack() as stack:
             sampler = Sampler(ModelSpec.parse(model), settings, stack)
@@ -52,8 +53,10 @@ def main() -> None:
             for level in levels:
                 items = load_benchmark(args.world / "prompts" / f"test_level{level}.parquet")
                 outputs = sampler.generate([i.problem for i in items], args.samples, greedy=False, seed=0)
-                guessed, total = guessed_fraction([g.text for samples in outputs for g in samples])
-                cells.append(f"{guessed / total:.2f}" if total else "-")
+                texts = [g.text for samples in outputs for g in samples]
+                answers = [i.answers[0] for i, samples in zip(items, outputs) for _ in samples]
+                off, lucky, total = box_vs_chain(texts, answers)
+                cells.append(f"{off / total:.2f} / {lucky / total:.2f}" if total else "-")
             sampler.close()
         print(f"{model} | " + " | ".join(cells))
 

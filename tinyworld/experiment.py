@@ -18,11 +18,16 @@ PNGs (learning curves, pass@k curves).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import math
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,8 +35,8 @@ from typing import Callable, Sequence
 # name -> (overrides of train.yaml, what the arm tests)
 ARMS: dict[str, tuple[list[str], str]] = {
     "grpo": (["guidance.mode=off"], "plain GRPO: guidance off, same code path"),
-    "ampo": ([], "AMPO: adaptive guidance, k=2, comprehension ranking"),
-    "ampo-k1": (["guidance.k=1"], "AMPO with k=1 teacher trace per failed prompt"),
+    "ampo": ([], "AMPO: adaptive guidance, k=1, comprehension ranking"),
+    "ampo-k2": (["guidance.k=2"], "AMPO with k=2 teacher traces per failed prompt (the reference's k)"),
     "ampo-k4": (["guidance.k=4"], "AMPO with k=4"),
     "ampo-random": (["guidance.rank=random"], "AMPO ranking candidates at random instead of by comprehension"),
     "ampo-always": (["guidance.mode=always"], "guidance for every prompt, not only all-wrong ones"),
@@ -63,6 +68,28 @@ class ExperimentSettings:
 
 
 _MODULES = {"ampo-cache": "cli.cache", "ampo-train": "cli.train"}
+# When set, each stage takes an exclusive lock on this file while it runs (and only then), so
+# heavy jobs of several people on one small machine take turns stage by stage instead of
+# oversubscribing its cores: AMPO_STAGE_LOCK=/tmp/ampo-heavy.lock ampo-cache tiny-world experiment ...
+STAGE_LOCK_ENV = "AMPO_STAGE_LOCK"
+
+
+@contextlib.contextmanager
+def stage_lock():
+    path = os.environ.get(STAGE_LOCK_ENV)
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        asked = time.perf_counter()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        waited = time.perf_counter() - asked
+        if waited > 1:  # so a timed run can subtract the time other people's jobs held the machine
+            print(f"(waited {waited:.0f} s for {path})", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run(cmd: Sequence, settings: ExperimentSettings) -> None:
@@ -70,7 +97,8 @@ def _run(cmd: Sequence, settings: ExperimentSettings) -> None:
     interpreter running us (so it works without the venv's scripts on PATH)."""
     args = [str(c) for c in cmd]
     settings.echo("$ " + shlex.join(args))
-    done = subprocess.run([sys.executable, "-m", _MODULES[args[0]], *args[1:]])
+    with stage_lock():
+        done = subprocess.run([sys.executable, "-m", _MODULES[args[0]], *args[1:]])
     if done.returncode:
         raise SystemExit(f"error: `{shlex.join(args)}` failed with exit code {done.returncode}")
 
@@ -132,11 +160,27 @@ def _figures(summary: dict) -> dict[str, float]:
     return out
 
 
-def _guidance_phases(history: Sequence[dict]) -> dict[str, float]:
-    """Guided fraction of prompts over the first and the last fifth of training."""
+def training_figures(history: Sequence[dict]) -> dict[str, float]:
+    """What a run's metrics say about its training, for the tables. Over the first and the last
+    fifth of the steps: the guided fraction of prompts, and the fraction of groups whose own
+    rollouts were all wrong (what guidance answers; GRPO has it too, so it tells whether guidance
+    fails to fade or the student fails to learn the hard prompts). Over all steps: the fraction of
+    tokens the PPO clip acted on, and the mean comprehension score of the traces guidance picked
+    and of those it left (left out where nothing was scored, as in GRPO)."""
     fifth = max(1, len(history) // 5)
-    mean = lambda rows: statistics.fmean(r.get("guidance/fraction") or 0.0 for r in rows)  # noqa: E731
-    return {"guided_first_fifth": mean(history[:fifth]), "guided_last_fifth": mean(history[-fifth:])}
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        return statistics.fmean(values) if values else math.nan
+
+    figures = {"guided_first_fifth": mean(history[:fifth], "guidance/fraction"),
+               "guided_last_fifth": mean(history[-fifth:], "guidance/fraction"),
+               "all_wrong_first_fifth": mean(history[:fifth], "groups/all_wrong"),
+               "all_wrong_last_fifth": mean(history[-fifth:], "groups/all_wrong"),
+               "clip_fraction": mean(history, "clip/fraction"),
+               "comprehension_picked": mean(history, "comprehension/picked"),
+               "comprehension_unpicked": mean(history, "comprehension/unpicked")}
+    return {name: value for name, value in figures.items() if not math.isnan(value)}
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -149,7 +193,7 @@ def summarise(settings: ExperimentSettings) -> dict:
     phases: dict[str, list[dict]] = {}
     for arm in settings.arms:
         reports[arm] = [json.loads(settings.eval_file(arm, s).read_text())[0] for s in settings.seeds]
-        phases[arm] = [_guidance_phases(read_history(settings.run_dir(arm, s))) for s in settings.seeds]
+        phases[arm] = [training_figures(read_history(settings.run_dir(arm, s))) for s in settings.seeds]
     table: dict[str, dict] = {}
     for label, runs in reports.items():
         benches = list(runs[0]["benchmarks"]) + ["overall"]
@@ -158,7 +202,8 @@ def summarise(settings: ExperimentSettings) -> dict:
             per_seed = [_figures(r["overall"] if bench == "overall" else r["benchmarks"][bench]) for r in runs]
             table[label][bench] = {name: _stats([f[name] for f in per_seed]) for name in per_seed[0]}
         if label in phases:
-            table[label]["training"] = {name: _stats([p[name] for p in phases[label]]) for name in phases[label][0]}
+            names = [name for name in phases[label][0] if all(name in p for p in phases[label])]
+            table[label]["training"] = {name: _stats([p[name] for p in phases[label]]) for name in names}
     return {"seeds": list(settings.seeds), "arms": {a: ARMS[a][1] for a in settings.arms},
             "train_overrides": list(settings.train_overrides), "samples": settings.samples,
             "temperature": settings.temperature, "results": table}
@@ -189,15 +234,20 @@ def table_rows(summary: dict, short: bool = False) -> tuple[list[str], list[list
     """Headings and rows of the results table (mean ± std over seeds); ``short`` headings fit a
     terminal (see SHORT_LEGEND)."""
     seeds = len(summary["seeds"])
-    headings = ["model"] + (SHORT_HEADINGS if short else [h for h, _, _ in TABLE_COLUMNS] + ["guided: first → last fifth"])
+    headings = ["model"] + (SHORT_HEADINGS if short else [h for h, _, _ in TABLE_COLUMNS] + [
+        "guided: first → last fifth", "all-wrong groups: first → last fifth"])
+    spec = ".0%" if short else ".2f"  # percentages keep the short table within 80 columns
     rows = []
     for label, result in summary["results"].items():
         cells = [_cell(result.get(bench, {}).get(fig), seeds) for _, bench, fig in TABLE_COLUMNS]
         training = result.get("training")
-        spec = ".0%" if short else ".2f"  # percentages keep the short table within 80 columns
-        guided = (f"{training['guided_first_fifth']['mean']:{spec}}→{training['guided_last_fifth']['mean']:{spec}}"
-                  if training else "-")
-        rows.append([label] + cells + [guided])
+
+        def phases(name):
+            if not training or f"{name}_first_fifth" not in training:
+                return "-"
+            return f"{training[f'{name}_first_fifth']['mean']:{spec}}→{training[f'{name}_last_fifth']['mean']:{spec}}"
+
+        rows.append([label] + cells + [phases("guided")] + ([] if short else [phases("all_wrong")]))
     return headings, rows
 
 
