@@ -253,3 +253,13 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     if hasattr(param, "ds_id"):  # a ZeRO-3 parameter
         return zero.full_tensor(param)
     return param.detach()
+
+
+def shutdown() -> None:
+    """Leave the process group together at the end of a run: every process waits for the others,
+    then the group is destroyed. A process that simply exits while another still runs collectives
+    can abort in its C++ teardown ("terminate called without an active exception": DeepSpeed's
+    shared-memory communication and gloo keep threads alive), which fails the whole launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -47,9 +47,11 @@ def run(
             if base is None:
                 raise InputError(str(found / "trainer_state.json"), "holds no saved config: pass --config")
         cfg = load_train_config(config, overrides or [], base=base)
+        from ampo_train.distributed import shutdown
         from ampo_train.trainer import train
 
         result = train(cfg, resume=resume)
+        shutdown()
     if result.history:
         print_summary(result.history)
 

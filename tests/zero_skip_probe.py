@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, get_scheduler
 
 from ampo_train.config import RolloutSettings
-from ampo_train.distributed import accumulating, make_accelerator
+from ampo_train.distributed import accumulating, make_accelerator, shutdown
 from ampo_train.metrics import StepStats
 from ampo_train.policy import Policy
 from ampo_train.trainer import apply_update, parameter_digest
@@ -49,6 +49,7 @@ def main(student: str, out: str) -> None:
         with open(out, "w") as handle:
             json.dump({k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in seen.items()},
                       handle)
+    shutdown()
 
 
 if __name__ == "__main__":
