@@ -234,9 +234,8 @@ def local_memory(module: torch.nn.Module, optimizer) -> dict[str, float]:
                 total += local.numel() * local.element_size()
         return total / 2**20
 
-    inner = getattr(optimizer, "optimizer", optimizer)
-    held = zero.optimizer_tensors(optimizer) if zero.is_deepspeed(optimizer) else [
-        v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    held = (zero.optimizer_tensors(optimizer) if zero.is_deepspeed(optimizer)
+            else zero.moments(getattr(optimizer, "optimizer", optimizer)))  # under accelerate's wrapper
     return {"parameters_mib": mib(module.parameters()), "optimizer_mib": mib(held),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

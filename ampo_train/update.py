@@ -10,8 +10,8 @@ Each micro-batch's loss is normalised by its mini-batch's totals, so the accumul
 the whole mini-batch's, for every aggregation mode (``ampo_train.loss.aggregate``), however the
 rows are grouped: ``micro_batch_size`` rows in order, or packed by the token budget
 ``micro_batch_tokens`` (``ampo_train.batching``). Log-probs and entropy come from the chunked LM
-head (``Policy.response_logprobs``): no ``[rows, tokens, vocabulary]`` logits, except under FSDP2,
-where the update's pass runs the model's own head inside its forward.
+head (``Policy.response_logprobs``): no ``[rows, tokens, vocabulary]`` logits, except under FSDP2 and
+ZeRO-3, where the update's pass runs the model's own head inside its forward.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import warnings
 
@@ -182,8 +183,6 @@ def accumulating(accelerator):
 def update_applied(engine, grad_norm: float) -> bool:
     """Whether the engine's last step changed the weights; it must agree with the norm it
     reported (finite exactly when applied), which the loop's skip counting relies on."""
-    import math
-
     applied = engine.was_step_applied()
     if applied != math.isfinite(grad_norm):
         raise RuntimeError(f"DeepSpeed {'applied' if applied else 'skipped'} an update with gradient norm {grad_norm}")
@@ -270,11 +269,21 @@ def _flat_partitions(zero) -> list[torch.Tensor]:
     return list(zero.single_partition_of_fp32_groups)  # ZeRO-1/2
 
 
+def moment_keys(entry: dict) -> list[str]:
+    """The keys of one parameter's optimizer state that hold tensors (AdamW: exp_avg, exp_avg_sq),
+    not the scalar ``step``."""
+    return [k for k, v in entry.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0]
+
+
+def moments(torch_optimizer) -> list[torch.Tensor]:
+    """Every state tensor a torch optimizer holds (its moments), over all its parameters."""
+    return [entry[k] for entry in torch_optimizer.state.values() for k in moment_keys(entry)]
+
+
 def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     """What ZeRO's optimizer holds on this process: AdamW's moments and its fp32 master partitions."""
     zero, inner = _inner(optimizer)
-    moments = [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
-    return moments + _flat_partitions(zero)
+    return moments(inner) + _flat_partitions(zero)
 
 
 def _trainable(module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -303,7 +312,7 @@ def optimizer_state(module, optimizer) -> dict:
     if inner.state:  # ZeRO's AdamW creates its state at the first applied update
         first = next(iter(inner.state.values()))
         step = first["step"]  # every group is stepped together: one count for all
-        keys = [k for k, v in first.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0]
+        keys = moment_keys(first)
         for name, param in trainable:
             entry = {"step": step.detach().cpu().clone()}
             for key in keys:
@@ -327,7 +336,7 @@ def load_optimizer_state(module, optimizer, saved: dict) -> None:
     if not saved["state"]:
         return
     first = next(iter(saved["state"].values()))
-    keys = [k for k, v in first.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0]
+    keys = moment_keys(first)
     for flat in _flat_partitions(zero):
         inner.state[flat] = {"step": first["step"].clone().float(), **{k: torch.zeros_like(flat) for k in keys}}
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link each parameter to its fragment

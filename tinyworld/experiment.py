@@ -240,15 +240,17 @@ def table_rows(summary: dict, short: bool = False) -> tuple[list[str], list[list
     rows = []
     for label, result in summary["results"].items():
         cells = [_cell(result.get(bench, {}).get(fig), seeds) for _, bench, fig in TABLE_COLUMNS]
-        training = result.get("training")
-
-        def phases(name):
-            if not training or f"{name}_first_fifth" not in training:
-                return "-"
-            return f"{training[f'{name}_first_fifth']['mean']:{spec}}→{training[f'{name}_last_fifth']['mean']:{spec}}"
-
-        rows.append([label] + cells + [phases("guided")] + ([] if short else [phases("all_wrong")]))
+        training = result.get("training") or {}
+        phases = ["guided"] if short else ["guided", "all_wrong"]
+        rows.append([label] + cells + [_first_to_last(training, name, spec) for name in phases])
     return headings, rows
+
+
+def _first_to_last(training: dict, name: str, spec: str) -> str:
+    """``first→last`` fifth of a training figure (``training_figures``), or - where the run has none."""
+    if f"{name}_first_fifth" not in training:
+        return "-"
+    return f"{training[f'{name}_first_fifth']['mean']:{spec}}→{training[f'{name}_last_fifth']['mean']:{spec}}"
 
 
 def markdown_table(summary: dict) -> str:
