@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.generation import Backend, conversation, open_backend, resolve_backend
 from ampo_cache.ids import text_hash
 from ampo_cache.prompts import Prompt, load_prompts

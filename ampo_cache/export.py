@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.store import TraceStore, query_arrow, query_batches
 
 FORMATS = ("verl", "long")

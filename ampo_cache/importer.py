@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Union
 
 import pyarrow as pa
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.ids import prompt_id, text_hash
 from ampo_cache.layouts import EXTRA_COLUMNS, LongLayout, NestedLayout, ParsedTrace, WideLayout, parse_row  # noqa: F401
 from ampo_cache.schema import PROMPTS, TRACES

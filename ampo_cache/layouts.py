@@ -35,7 +35,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.readers import column, file_format, read_records, text_field
 
 LAYOUTS = ("auto", "long", "nested", "wide")

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.export import configure
 from ampo_cache.store import TraceStore, query_arrow, query_batches
 

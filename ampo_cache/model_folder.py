@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 

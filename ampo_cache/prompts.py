@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.ids import prompt_id
 from ampo_cache.layouts import answer_of, problem_of
 from ampo_cache.readers import read_records

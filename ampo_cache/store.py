@@ -29,7 +29,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
+from ampo_common.files import fsync_dir
 from ampo_cache.schema import TABLES
 
 FORMAT = {"format": "ampo-trace-store", "version": 1}
@@ -78,15 +79,6 @@ def query_batches(con: duckdb.DuckDBPyConnection, query: str, batch_size: int) -
     """A query's result as a stream of Arrow record batches (bounded memory)."""
     relation = con.sql(query)
     return (getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader)(batch_size)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (the directory entry itself is data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TraceStore:

@@ -13,15 +13,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ampo_cache.yamlconfig import load_yaml_model
+from ampo_common.yamlconfig import load_yaml_model, resolve_path
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-
-
-def resolve_path(value: str | Path, info: ValidationInfo) -> Path:
-    path = Path(value).expanduser()
-    base = (info.context or {}).get("base_dir")
-    return path if path.is_absolute() or base is None else (base / path)
 
 
 class Sampling(BaseModel):

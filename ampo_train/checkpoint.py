@@ -45,6 +45,7 @@ other processes' RNG states are gathered to it first).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -59,8 +60,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ampo_cache.errors import InputError
-from ampo_cache.store import fsync_dir
+from ampo_common.errors import InputError
+from ampo_common.files import fsync_dir
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -238,40 +239,49 @@ def save_weights(model, folder: Path, weights: dict | None = None) -> None:
         model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    model,
-    optimizer_state: dict,
-    scheduler,
-    rng_states: list[dict],
-    trainer_state: dict,
-    keep: int | None = None,
-    weights: dict | None = None,
-) -> Path:
-    """Write ``root/step-NNNNNN`` atomically and prune to the newest ``keep``. Main process only.
+@dataclass
+class CheckpointContent:
+    """What one checkpoint holds (gathered by the trainer; written by the main process)."""
 
-    ``model`` is the unwrapped model (a ``PeftModel`` saves only its adapter), ``weights`` its full
-    state dict when it is sharded; ``optimizer_state``: ``distributed.optimizer_state`` (keyed by
-    parameter name); ``rng_states`` are every process's ``rng_state``.
-    """
-    scheduler_state = scheduler.state_dict()
-    _require_plain(optimizer_state, "optimizer state", tensors=True)
-    _require_plain(scheduler_state, "scheduler state", tensors=False)
-    _require_plain(rng_states, "RNG states", tensors=False)
+    model: Any  # the unwrapped model (a PeftModel saves only its adapter)
+    weights: dict | None  # its full state dict when it is sharded (distributed.full_state_dict), else None
+    optimizer_state: dict  # distributed.optimizer_state: keyed by parameter name
+    scheduler_state: dict
+    rng_states: list[dict]  # every process's rng_state
+    trainer_state: dict  # data position, world size, layout, max_steps, the resolved config
+
+
+def save_checkpoint(root: Path, step: int, content: CheckpointContent, keep: int | None = None) -> Path:
+    """Write ``root/step-NNNNNN`` atomically and prune to the newest ``keep``. Main process only."""
+    _require_plain(content.optimizer_state, "optimizer state", tensors=True)
+    _require_plain(content.scheduler_state, "scheduler state", tensors=False)
+    _require_plain(content.rng_states, "RNG states", tensors=False)
     final = root / step_dir_name(step)
     with atomic_dir(final) as tmp:
-        save_weights(model, tmp / "model", weights)
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler_state, indent=1))
-        (tmp / RNG_FILE).write_text(json.dumps(rng_states))
+        save_weights(content.model, tmp / "model", content.weights)
+        torch.save(content.optimizer_state, tmp / OPTIMIZER_FILE)
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(content.scheduler_state, indent=1))
+        (tmp / RNG_FILE).write_text(json.dumps(content.rng_states))
         # Written last: a folder with this file is a complete checkpoint.
-        state = {**trainer_state, "step": step, FORMAT_KEY: FORMAT}
+        state = {**content.trainer_state, "step": step, FORMAT_KEY: FORMAT}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
     if keep is not None:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_final(module, tokenizer, final_dir: Path, merged: bool = False, weights: dict | None = None) -> None:
+    """The trained adapter (``PeftModel.from_pretrained(base, final_dir)``) or full model
+    (``AutoModelForCausalLM.from_pretrained(final_dir)``), with the tokenizer beside it; atomically.
+    ``weights``: the full state dict of a sharded module (``distributed.full_state_dict``)."""
+    with atomic_dir(final_dir) as tmp:
+        save_weights(module, tmp, weights)
+        tokenizer.save_pretrained(tmp)
+        if merged and hasattr(module, "merge_and_unload"):
+            full = copy.deepcopy(module).merge_and_unload()
+            full.save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
 
 
 # ----------------------------------------------------------------------------- finding and reading

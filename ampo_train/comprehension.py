@@ -9,6 +9,7 @@ helper ``score_candidates``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -106,20 +107,79 @@ def trace_likelihood_score(token_logprobs: Tensor, mask: Tensor | None = None) -
     return float(lp.double().mean())
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How ``score_candidates`` scores (the trainer's comes from ``GuidanceSettings`` and the policy)."""
+
+    rank: RankKind = "comprehension"  # comprehension: the answer tokens' score of `kind`; trace_likelihood:
+    #                                   mean log-prob of the unmodified trace
+    kind: ScoreKind = "mean_prob"
+    temperature: float = 1.0  # the rollout temperature (logits are divided by it)
+    max_response_tokens: int | None = None  # cut each trace here first (the injection limit): an answer beyond it
+    #                                          is not locatable
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # positions per LM-head chunk: only the scored positions go through the head
+
+
+# A row to score: the trace's tokens and which of them are scored (None: nothing scorable).
+_ScoredRow = tuple[list[int], list[bool]]
+
+
+def _rendered(tokenizer, prompt: str | list[dict]) -> list[int]:
+    text = prompt if isinstance(prompt, str) else \
+        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise ValueError("the prompt tokenises to nothing; the first trace token would have no prediction")
+    return prompt_ids
+
+
+def _scored_row(tokenizer, text: str, answer: str, scoring: Scoring) -> _ScoredRow | None:
+    """One candidate as tokens and the mask of its scored tokens (cut after the last answer token
+    for comprehension: a causal model's logits there cannot depend on what follows)."""
+    limit = scoring.max_response_tokens
+    if scoring.rank == "trace_likelihood":
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:limit]
+        return (ids, [True] * len(ids)) if ids else None
+    if scoring.rank != "comprehension":
+        raise ValueError(f"unknown rank {scoring.rank!r}")
+    new_text, span = with_ground_truth(text, answer)
+    if span is None:
+        return None
+    enc = tokenizer(new_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])[:limit]
+    mask = answer_token_mask(list(enc["offset_mapping"])[: len(ids)], span).tolist()
+    if not any(mask):
+        return None
+    last = max(j for j, m in enumerate(mask) if m)
+    return ids[: last + 1], mask[: last + 1]
+
+
+def _scored_logprobs(model, prompt_ids: list[int], rows: Sequence[_ScoredRow], pad_id: int,
+                     scoring: Scoring) -> list[Tensor]:
+    """One batched forward over prompt + each row; the log-probs of each row's scored tokens."""
+    device = device_of(model)
+    p = len(prompt_ids)
+    width = p + max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    # Response token j sits at p + j and is predicted by the hidden state at p + j - 1; only those
+    # (row, position) pairs go through the LM head.
+    scored = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    for r, (ids, mask) in enumerate(rows):
+        input_ids[r, : p + len(ids)] = torch.tensor(prompt_ids + ids)
+        attention[r, : p + len(ids)] = 1
+        scored[r, p - 1:p - 1 + len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    input_ids, attention, scored = input_ids.to(device), attention.to(device), scored.to(device)
+    with eval_mode(model):
+        hidden = final_hidden(model, input_ids, attention)[:, :-1]
+        lp = chunked_logprobs(hidden, lm_head(model), input_ids[:, 1:], scoring.temperature,
+                              chunk_size=scoring.chunk_size, mask=scored).cpu()  # [N, width - 1], 0 where not scored
+    return [lp[r, [p + j - 1 for j, m in enumerate(mask) if m]] for r, (_, mask) in enumerate(rows)]
+
+
 @torch.no_grad()
-def score_candidates(
-    model,
-    tokenizer,
-    prompt: str | list[dict],
-    trace_texts: Sequence[str],
-    answer: str,
-    temperature: float = 1.0,
-    device: torch.device | str | None = None,
-    rank: RankKind = "comprehension",
-    kind: ScoreKind = "mean_prob",
-    max_response_tokens: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> list[float]:
+def score_candidates(model, tokenizer, prompt: str | list[dict], trace_texts: Sequence[str], answer: str,
+                     scoring: Scoring = Scoring()) -> list[float]:
     """Score candidate traces for one prompt with the current student in ONE batched forward.
 
     Args:
@@ -131,88 +191,31 @@ def score_candidates(
             an already rendered prompt string.
         trace_texts: the candidates' texts, exactly as they would be injected.
         answer: the ground-truth answer text that replaces each trace's last boxed content.
-        temperature: the rollout temperature (logits are divided by it).
-        rank: ``comprehension`` (answer-token score of ``kind``) or ``trace_likelihood``
-            (mean log-prob of the unmodified trace).
-        max_response_tokens: truncate each trace's tokens here first (the injection limit), so
-            an answer beyond it is not locatable.
-        chunk_size: positions per LM-head chunk: only the scored positions (the answer tokens,
-            or every trace token for ``trace_likelihood``) go through the head, this many at a time.
+        scoring: what is scored and how (``Scoring``).
 
     Returns:
         One float per trace, in input order (see ``comprehension_score`` /
         ``trace_likelihood_score`` for the empty cases).
 
     Prompt and trace are tokenised separately (``add_special_tokens=False``) and concatenated,
-    as the trainer does for rollouts and injected traces. For comprehension each row is cut
-    after its last answer token: a causal model's logits there cannot depend on what follows.
+    as the trainer does for rollouts and injected traces.
     """
-    if isinstance(prompt, str):
-        prompt_text = prompt
-    else:
-        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if not prompt_ids:
-        raise ValueError("the prompt tokenises to nothing; the first trace token would have no prediction")
-    empty = _empty_score(kind) if rank == "comprehension" else float("-inf")
-
-    rows: list[tuple[list[int], list[bool]] | None] = []
-    for text in trace_texts:
-        if rank == "comprehension":
-            new_text, span = with_ground_truth(text, answer)
-            if span is None:
-                rows.append(None)
-                continue
-            enc = tokenizer(new_text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = list(enc["input_ids"])[:max_response_tokens]
-            mask = answer_token_mask(list(enc["offset_mapping"])[: len(ids)], span).tolist()
-            if not any(mask):
-                rows.append(None)
-                continue
-            last = max(j for j, m in enumerate(mask) if m)
-            rows.append((ids[: last + 1], mask[: last + 1]))
-        elif rank == "trace_likelihood":
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_response_tokens]
-            rows.append((ids, [True] * len(ids)) if ids else None)
-        else:
-            raise ValueError(f"unknown rank {rank!r}")
-
-    live = [r for r in rows if r is not None]
+    prompt_ids = _rendered(tokenizer, prompt)
+    rows = [_scored_row(tokenizer, text, answer, scoring) for text in trace_texts]
+    empty = _empty_score(scoring.kind) if scoring.rank == "comprehension" else float("-inf")
+    live = [row for row in rows if row is not None]
     if not live:
         return [empty] * len(rows)
-
-    if device is None:
-        device = device_of(model)
-    p = len(prompt_ids)
-    width = p + max(len(ids) for ids, _ in live)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(live), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(live), width), dtype=torch.long)
-    for r, (ids, _) in enumerate(live):
-        input_ids[r, : p + len(ids)] = torch.tensor(prompt_ids + ids)
-        attention[r, : p + len(ids)] = 1
-    # Response token j sits at p + j and is predicted by the hidden state at p + j - 1; only those
-    # (row, position) pairs go through the LM head.
-    scored = torch.zeros((len(live), width - 1), dtype=torch.bool)
-    for r, (_, mask) in enumerate(live):
-        scored[r, p - 1:p - 1 + len(mask)] = torch.tensor(mask, dtype=torch.bool)
-    input_ids, attention, scored = input_ids.to(device), attention.to(device), scored.to(device)
-
-    with eval_mode(model):
-        hidden = final_hidden(model, input_ids, attention)[:, :-1]
-        lp = chunked_logprobs(hidden, lm_head(model), input_ids[:, 1:], temperature, chunk_size=chunk_size,
-                              mask=scored).cpu()  # [N, width - 1], 0 where not scored
-
+    scored = iter(_scored_logprobs(model, prompt_ids, live, pad, scoring))
     scores: list[float] = []
-    live_iter = iter(range(len(live)))
     for row in rows:
         if row is None:
             scores.append(empty)
             continue
-        r = next(live_iter)
-        row_lp = lp[r, [p + j - 1 for j, m in enumerate(row[1]) if m]]
-        if rank == "comprehension":
-            scores.append(comprehension_score(row_lp, torch.ones_like(row_lp, dtype=torch.bool), kind))
+        row_lp = next(scored)
+        if scoring.rank == "comprehension":
+            scores.append(comprehension_score(row_lp, torch.ones_like(row_lp, dtype=torch.bool), scoring.kind))
         else:
             scores.append(trace_likelihood_score(row_lp))
     return scores

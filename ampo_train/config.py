@@ -21,9 +21,9 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ampo_cache.errors import InputError
-from ampo_cache.teachers import resolve_path
-from ampo_cache.yamlconfig import load_yaml_model
+from ampo_common.errors import InputError
+from ampo_common.yamlconfig import resolve_path
+from ampo_common.yamlconfig import load_yaml_model
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -315,12 +315,13 @@ class TrainConfig(BaseModel):
 
     # -- derived values the trainer reads
     @property
-    def minibatch_prompts(self) -> int:
+    def prompts_per_update(self) -> int:
+        """Prompts per optimizer update, all processes together (``mini_batch_prompts``, or the whole step)."""
         return self.mini_batch_prompts or self.prompts_per_step
 
     @property
     def updates_per_step(self) -> int:
-        return self.prompts_per_step // self.minibatch_prompts * self.ppo_epochs
+        return self.prompts_per_step // self.prompts_per_update * self.ppo_epochs
 
     @property
     def target_length(self) -> int:

@@ -205,6 +205,11 @@ class PromptSampler:
             self.offset += take
         return out
 
+    @property
+    def epochs(self) -> float:
+        """Passes over the prompts so far, fractional (1.5: half-way through the second)."""
+        return self.epoch + self.offset / self.num_prompts
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "num_prompts": self.num_prompts, "seed": self.seed}
 

@@ -30,6 +30,7 @@ CPUs; on GPUs Accelerate does this itself and the switch never happens. DeepSpee
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 
@@ -37,7 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_train import zero
 
 
@@ -252,6 +253,18 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     if hasattr(param, "ds_id"):  # a ZeRO-3 parameter
         return zero.full_tensor(param)
     return param.detach()
+
+
+def parameter_digest(model) -> str:
+    """SHA-256 of the trainable parameters' bytes, in order (identical weights <=> identical digest).
+    A sharded parameter is gathered first (every process must call this then)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            value = full_tensor(p)
+            digest.update(name.encode())
+            digest.update(value.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def shutdown() -> None:

@@ -99,14 +99,16 @@ def response_logprobs(model, mb: RowBatch, temperature: float, chunk_size: int |
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """``model.eval()`` for a no-grad pass (no dropout noise in scores or samples), then the
-    previous mode again."""
-    was_training = model.training
+    """Eval mode (no dropout noise in samples or scores) for a no-grad pass, then every submodule's
+    own mode again: a model whose parts were in different modes (a peft model with a frozen base
+    kept in eval) comes back exactly as it was, which ``model.train(was_training)`` would not do."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def device_of(model) -> torch.device:

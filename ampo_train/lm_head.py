@@ -188,7 +188,7 @@ def effective_chunk_size(chunk_size: int, vocab: int | None, device: torch.devic
     are at least ``min_chunk_elements`` (default ``CPU_MIN_CHUNK_ELEMENTS`` on CPU, none on
     other devices; no floor when the vocabulary size is unknown)."""
     if min_chunk_elements is None:
-        min_chunk_elements = CPU_MIN_CHUNK_ELEMENTS if device.type == "cpu" else 0
+        min_chunk_elements = CPU_MIN_CHUNK_ELEMENTS if device.type == "cpu" else 0  # read at call time (tests set it)
     if not vocab or min_chunk_elements <= 0:
         return chunk_size
     return max(chunk_size, -(-min_chunk_elements // vocab))
@@ -202,7 +202,6 @@ def chunked_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
     mask: Tensor | None = None,
-    min_chunk_elements: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs of ``targets`` under ``log_softmax(head(hidden) / temperature)``, never holding
     more than ``chunk_size`` positions' logits, forward or backward.
@@ -220,12 +219,10 @@ def chunked_logprobs(
         targets: ``[N, T]`` (matching ``hidden``'s leading dims) long token ids.
         temperature: the sampling temperature (> 0); logits are divided by it.
         chunk_size: positions per chunk (flattened over N * T); on CPU raised to at least
-            ``min_chunk_elements / V`` (see ``effective_chunk_size``).
+            ``CPU_MIN_CHUNK_ELEMENTS / V`` (glibc fragmentation, see there; ``effective_chunk_size``).
         with_entropy: also return the per-position entropy of ``softmax(logits / temperature)``.
         mask: optional ``[N, T]`` bool; positions where it is False (padding) are not computed at
             all and read 0 in both outputs (they get no gradient).
-        min_chunk_elements: floor on ``chunk positions x V``; None = ``CPU_MIN_CHUNK_ELEMENTS``
-            on CPU (glibc fragmentation, see there) and 0 elsewhere; 0 = use ``chunk_size`` as is.
 
     Returns:
         ``[N, T]`` float32 log-probs, or ``(logprobs, entropy)``, both ``[N, T]`` float32.
@@ -246,7 +243,7 @@ def chunked_logprobs(
         keep = mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
         flat_h, flat_t = flat_h.index_select(0, keep), flat_t.index_select(0, keep)
 
-    chunk_size = effective_chunk_size(chunk_size, _vocab_size(head), hidden.device, min_chunk_elements)
+    chunk_size = effective_chunk_size(chunk_size, _vocab_size(head), hidden.device)
     # Checkpointing only matters when autograd records: under no_grad (old log-probs, reference
     # log-probs, comprehension scores) each chunk's logits are dropped anyway.
     recording = torch.is_grad_enabled()

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ampo_train.config import AggregationMode
+from ampo_train.config import AggregationMode, LossSettings
 
 
 # exp() of a log-ratio beyond this is numerically meaningless for a policy ratio and would
@@ -128,16 +128,8 @@ def off_policy_token_loss(logp: Tensor, advantages: Tensor, gamma: float | None 
     return -_per_token(advantages, logp) * f
 
 
-def mixed_token_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    is_teacher: Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip_c: float | None = 10.0,
-    gamma: float | None = 0.1,
-) -> TokenLoss:
+def mixed_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, is_teacher: Tensor,
+                     settings: LossSettings = LossSettings()) -> TokenLoss:
     """One ``[B, T]`` loss matrix over a mixed batch: on-policy rows by PPO, teacher rows off-policy.
 
     Args:
@@ -148,8 +140,8 @@ def mixed_token_loss(
         advantages: ``[B]`` or ``[B, T]``.
         is_teacher: ``[B]`` bool, True for injected teacher rows; a ``[B, T]`` per-token mask is
             also accepted (a partially injected row, as in LUFFY's prefix mode).
-        clip_low, clip_high, dual_clip_c: see ``ppo_clip_token_loss``.
-        gamma: see ``off_policy_token_loss``.
+        settings: ``clip_low``, ``clip_high``, ``dual_clip`` (``ppo_clip_token_loss``) and
+            ``shaping_gamma`` (``off_policy_token_loss``); the reference's by default.
 
     Returns:
         ``TokenLoss``; the flags are False on teacher tokens.
@@ -159,8 +151,8 @@ def mixed_token_loss(
         teacher = teacher.unsqueeze(-1)
     teacher = teacher.expand_as(logp)
     safe_old = torch.where(teacher, logp.detach(), old_logp)
-    on = ppo_clip_token_loss(logp, safe_old, advantages, clip_low, clip_high, dual_clip_c)
-    off = off_policy_token_loss(logp, advantages, gamma)
+    on = ppo_clip_token_loss(logp, safe_old, advantages, settings.clip_low, settings.clip_high, settings.dual_clip)
+    off = off_policy_token_loss(logp, advantages, settings.shaping_gamma)
     return TokenLoss(
         torch.where(teacher, off, on.loss),
         on.clipped & ~teacher,

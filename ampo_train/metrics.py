@@ -13,13 +13,37 @@ not zero. The quantities that move are the reward/accuracy, the guided fraction,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 from rich.console import Console
+
+from ampo_train.step_record import StepRecord
+
+
+class PhaseTimer:
+    """Wall time per phase of a step: ``with timer("generate"): ...``; ``record`` adds them to the
+    step's stats as ``time/<phase>`` (the largest over processes once merged)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def record(self, stats: "StepStats") -> None:
+        for phase, seconds in self.seconds.items():
+            stats.maximum(f"time/{phase}", seconds)
 
 
 class StepStats:
@@ -51,7 +75,7 @@ class StepStats:
     def maximum(self, name: str, value: float) -> None:
         self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
 
-    def tally(self, name: str, counter: Counter) -> None:
+    def tally(self, name: str, counter: Mapping[str, int]) -> None:
         self.tallies[name].update(counter)  # zero counts stay as keys: every step logs every teacher
 
     def to_dict(self) -> dict:
@@ -85,6 +109,62 @@ class StepStats:
             for key, n in sorted(counter.items()):
                 out[f"{name}/{key}"] = n
         return out
+
+
+def step_stats(stats: StepStats, record: StepRecord, teachers: Sequence[str]) -> None:
+    """This process's share of the step's metrics (counts and sums; merged across processes later)."""
+    rewards, plan, groups = record.rewards, record.plan, record.groups
+    n = rewards.numel()
+    stats.mean("reward/mean", float(rewards.sum()), n)  # on-policy, before injection
+    stats.mean("reward/mixed", float(plan.rewards.sum()), n)  # the groups the loss saw
+    stats.mean("accuracy", int(record.correct.sum()), n)
+    correct = record.correct.view(rewards.shape)
+    stats.mean("groups/all_wrong", int((~correct.any(dim=1)).sum()), len(record.prompts))
+    stats.mean("groups/all_correct", int(correct.all(dim=1).sum()), len(record.prompts))
+    report = plan.report
+    stats.total("guidance/prompts", report.prompts)
+    stats.total("guidance/needed", report.needed)
+    stats.total("guidance/guided", report.guided)
+    stats.total("guidance/no_trace", report.no_trace)
+    stats.total("guidance/injected", report.injected)
+    stats.tally("guidance/teacher", {name: 0 for name in teachers})
+    stats.tally("guidance/teacher", report.per_teacher)
+    stats.mean_of("comprehension/picked", report.picked_scores)
+    stats.mean_of("comprehension/unpicked", report.unpicked_scores)
+    stats.mean_of("comprehension/gain", report.score_gains)
+    lengths = [len(r.token_ids) for group in groups for r in group]
+    stats.mean_of("response_length/mean", lengths)
+    stats.maximum("response_length/max", max(lengths))
+    stats.mean("response_length/truncated", sum(r.finish_reason == "length" for g in groups for r in g), len(lengths))
+    stats.mean_of("teacher_length/mean", [len(r.response_ids) for r in record.rows if r.is_teacher])
+    stats.total("tokens/generated", sum(lengths))
+    stats.total("tokens/trained", sum(len(r.prompt_ids) + len(r.response_ids) for r in record.rows))
+
+
+def finish_metrics(summary: dict, step: int, epoch: float) -> dict:
+    """The merged step summary plus what is derived from it: the guided fraction, throughput,
+    the step and epoch, and ``null`` for the keys a step may have no sample of."""
+    prompts = summary.get("guidance/prompts") or 0
+    summary["guidance/fraction"] = summary.get("guidance/guided", 0) / prompts if prompts else 0.0
+    step_time = summary.get("time/step") or 0.0
+    summary["tokens_per_second"] = summary.get("tokens/trained", 0) / step_time if step_time else None
+    gen_time = summary.get("time/generate") or 0.0
+    summary["generate_tokens_per_second"] = summary.get("tokens/generated", 0) / gen_time if gen_time else None
+    summary["step"] = step
+    summary["epoch"] = epoch
+    for key in ("kl", "teacher_token_prob"):
+        summary.setdefault(key, None)
+    return summary
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """On resume: drop the lines of a per-step JSONL file (metrics, samples) written after
+    ``step`` (the interrupted run's tail), so each step is logged once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -127,13 +207,8 @@ class MetricsLogger:
         self._file = None
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps after the checkpoint (the interrupted run's tail), so the
-        file holds each step once."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """On resume: drop the interrupted run's lines after the checkpoint (``truncate_jsonl``)."""
+        truncate_jsonl(self.path, step)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self._file is None:

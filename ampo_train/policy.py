@@ -1,16 +1,15 @@
-"""The student being trained, and everything that runs it.
+"""The student being trained, and the engine that samples it.
 
-    policy = Policy(model, tokenizer, cfg.rollout, engine=engine, module=unwrapped)
+    policy = Policy(model, engine, pad_id, ForwardSettings(temperature, chunk_size), module=unwrapped)
     policy.sync()                                        # push changed weights to the engine (lazy)
     groups = policy.generate(prompt_ids, G, seed)        # [[Rollout x G] per prompt]
-    policy.logprobs(rows, micro_batch_size, max_tokens=None)    # no-grad log-probs of rows' responses
-    policy.comprehension(prompt_text, traces, answer, guidance, max_tokens)   # candidates' scores
+    policy.logprobs(rows, micro_batch_size)              # no-grad log-probs of rows' responses
     policy.response_logprobs(micro_batch, with_entropy)  # with grad: the update's forward
     policy.weights_changed()                             # after an optimizer step
 
 One object holds the model twice over (``model``: what the optimizer's forward calls, wrapped by
 Accelerate/DDP under several processes; ``module``: the unwrapped network for generation,
-scoring, no-grad passes and saving), its tokenizer, the sampling settings and the rollout engine.
+scoring, no-grad passes and saving) and its rollout engine (built by ``rollout.open_engine``).
 The engine is told about new weights lazily: ``weights_changed`` only marks them, and the next
 ``sync`` (the loop calls it before generating; ``generate`` does too) pushes them once, however
 many optimizer updates the step made.
@@ -22,48 +21,50 @@ positions at a time (``forward.response_logprobs``, ``lm_head.chunked_logprobs``
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ampo_train.batching import micro_batch_groups
-from ampo_train.comprehension import no_reasoning_trace, score_candidates
-from ampo_train.config import GuidanceSettings, RolloutSettings
+from ampo_train.config import RolloutSettings
 from ampo_train.data import Row, RowBatch, collate, row_lengths
-from ampo_train.forward import device_of, eval_mode, response_logprobs
+from ampo_train.forward import device_of, response_logprobs
 from ampo_train.lm_head import DEFAULT_CHUNK_SIZE
-from ampo_train.rollout import Rollout, RolloutEngine, TransformersRollout
+from ampo_train.rollout import Rollout, RolloutEngine
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """How the student's forward passes turn hidden states into log-probs."""
+
+    temperature: float = 1.0  # the rollouts' sampling temperature: log-probs of logits / temperature
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # positions per LM-head chunk (TrainConfig.logit_chunk_size)
+    # The update's pass with gradients runs the model's own head inside its forward (full response
+    # logits): FSDP2 and ZeRO-3 gather the head's parameters only there (forward.response_logprobs).
+    head_in_forward: bool = False
 
 
 class Policy:
-    def __init__(self, model: torch.nn.Module, tokenizer, settings: RolloutSettings, engine: RolloutEngine | None = None,
-                 module: torch.nn.Module | None = None, ref_model: torch.nn.Module | None = None,
-                 engine_stale: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE, head_in_forward: bool = False,
+    def __init__(self, model: torch.nn.Module, engine: RolloutEngine | None, pad_id: int,
+                 forward: ForwardSettings = ForwardSettings(), module: torch.nn.Module | None = None,
+                 ref_model: torch.nn.Module | None = None,
                  full_parameters: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        """``engine``: default transformers ``generate`` on ``module``. ``ref_model``: a frozen
-        reference for KL (None: a LoRA module's base, adapter disabled). ``engine_stale``: the
-        engine does not hold ``module``'s weights yet (e.g. a LoRA adapter not pushed).
-        ``chunk_size``: positions per LM-head chunk (``TrainConfig.logit_chunk_size``).
-        ``head_in_forward``: the update's pass with gradients runs the model's own head inside its
-        forward (full response logits; FSDP2 needs it, see ``forward.response_logprobs``).
-        ``full_parameters``: a context in which every parameter is on this process (sharded
-        layouts gather them: ``distributed.full_parameters``); the loop runs the no-grad phases in it."""
+        """``engine``: the rollout engine (``rollout.open_engine``); None for a policy that is only
+        updated and scored (benchmarks, tests), whose ``generate`` then fails. ``module``: the
+        unwrapped ``model`` (default: ``model`` itself). ``ref_model``: a frozen reference for KL
+        (None: a LoRA module's base, adapter disabled). ``full_parameters``: a context in which
+        every parameter is on this process (sharded layouts gather them:
+        ``distributed.full_parameters``); the loop runs the no-grad phases in it."""
         self.model = model
         self.module = module if module is not None else model
-        self.tokenizer = tokenizer
-        self.settings = settings
-        self.pad_id = tokenizer.pad_token_id
-        self.engine = engine if engine is not None else TransformersRollout(lambda: self.module, tokenizer, settings)
+        self.engine = engine
+        self.pad_id = pad_id
+        self.forward = forward
         self.ref_model = ref_model
-        self._stale = engine_stale
-        self.chunk_size = chunk_size
-        self.head_in_forward = head_in_forward
         self.full_parameters = full_parameters
-
-    @property
-    def temperature(self) -> float:
-        return self.settings.temperature
+        self._stale = False
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +73,8 @@ class Policy:
     # -------------------------------------------------------------- the rollout engine
 
     def weights_changed(self) -> None:
-        """The optimizer stepped: the engine's copy (if it has one) is stale until the next sync."""
+        """The weights moved (an optimizer step; or an engine that loaded only the base, before its
+        first LoRA adapter): the engine's copy is stale until the next sync."""
         self._stale = True
 
     def sync(self) -> int:
@@ -86,6 +88,8 @@ class Policy:
     def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None, greedy: bool = False,
                  settings: RolloutSettings | None = None) -> list[list[Rollout]]:
         """``settings``: other sampling settings for this call (evaluation), else the rollouts'."""
+        if self.engine is None:
+            raise RuntimeError("this policy has no rollout engine")
         self.sync()
         return self.engine.generate(prompts, n, seed=seed, greedy=greedy, settings=settings)
 
@@ -94,7 +98,8 @@ class Policy:
     def response_logprobs(self, mb: RowBatch, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``[N, R]`` log-probs of the response tokens (and entropies) through ``model`` (grad, DDP
         hooks), 0 on padding; the LM head in chunks, so no ``[N, R, V]`` logits."""
-        return response_logprobs(self.model, mb, self.temperature, None if self.head_in_forward else self.chunk_size,
+        f = self.forward
+        return response_logprobs(self.model, mb, f.temperature, None if f.head_in_forward else f.chunk_size,
                                  with_entropy)
 
     def _reference(self):
@@ -115,27 +120,11 @@ class Policy:
             for group in micro_batch_groups(row_lengths(rows), micro_batch_size, max_tokens):
                 chunk = [rows[i] for i in group]
                 mb = collate(chunk, self.pad_id).to(self.device)
-                lp = response_logprobs(model, mb, self.temperature, self.chunk_size).cpu()
+                lp = response_logprobs(model, mb, self.forward.temperature, self.forward.chunk_size).cpu()
                 for i, row, values in zip(group, chunk, lp):
                     out[i] = values[:len(row.response_ids)].clone()
         return out
 
-    def comprehension(self, prompt_text: str, traces: Sequence[str], answer: str, guidance: GuidanceSettings,
-                      max_response_tokens: int) -> tuple[list[float], float | None]:
-        """Scores of candidate traces for one prompt (this step's weights, before the update), and
-        the no-reasoning baseline "score A" when ``guidance.score_baseline`` is on (else None).
-
-        One batched forward; the bare ``\\boxed{answer}`` rides in the same batch as the baseline.
-        """
-        with_baseline = guidance.score_baseline and guidance.rank == "comprehension"
-        batch = list(traces) + ([no_reasoning_trace(answer)] if with_baseline else [])
-        with eval_mode(self.module):
-            scores = score_candidates(self.module, self.tokenizer, prompt_text, batch, answer,
-                                      temperature=self.temperature, rank=guidance.rank, kind=guidance.score,
-                                      max_response_tokens=max_response_tokens, chunk_size=self.chunk_size)
-        if with_baseline:
-            return scores[:-1], scores[-1]
-        return scores, None
-
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()

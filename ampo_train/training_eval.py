@@ -2,29 +2,29 @@
 sampled rows in ``samples.jsonl``.
 
     benchmarks = load_eval_benchmarks(cfg.eval)                      # at start: a bad file fails early
-    values = evaluate_during_training(policy, benchmarks, cfg, verifier, step, rank, world)
+    values = evaluate_during_training(policy, tokenizer, benchmarks, cfg, verifier, rank, world)
     # -> {"eval/<file stem>/avg@4": ..., "eval/<file stem>/pass@4": ..., ...} on the main process
 
 Evaluation is ``ampo-train eval``'s own loop (``evaluation.runner``) run on the weights in memory.
 Every process answers its share of the problems (problem i goes to process i mod N) with the run's
 rollout engine, and the main process pools the answers and summarises them, so no process idles
-and a vLLM engine is used by the process that owns it.
+and a vLLM engine is used by the process that owns it. The transformers engine samples from a
+generator of its own, seeded per call: evaluating does not change the training run's random stream.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 from accelerate.utils import gather_object
 
 from ampo_train.config import EvalDuringTraining, TrainConfig
-from ampo_train.data import Row, TrainPrompt
 from ampo_train.evaluation.benchmarks import BenchItem, load_benchmark
-from ampo_train.evaluation.runner import (Answer, EvalSettings, Sampler, check_settings, metric_values,
-                                          sample_benchmarks, summaries)
-from ampo_train.guided_step import GuidancePlan
+from ampo_train.evaluation.runner import EvalSettings, Sampler, check_settings, metric_values, sample_benchmarks, summaries
+from ampo_train.metrics import truncate_jsonl
+from ampo_train.rollout import open_engine
+from ampo_train.step_record import StepRecord
 
 
 def load_eval_benchmarks(settings: EvalDuringTraining | None) -> dict[str, list[BenchItem]]:
@@ -46,31 +46,19 @@ def eval_settings(cfg: TrainConfig) -> EvalSettings:
     return settings
 
 
-def engine_generate(policy):
-    """The run's rollout engine as the evaluation's ``generate``: token ids in, answers out."""
-    def generate(prompt_token_ids, n, temperature, *, top_p=1.0, max_tokens, seed):
-        greedy = temperature == 0
-        sampling = policy.settings.model_copy(update={"temperature": temperature if not greedy else 1.0,
-                                                       "top_p": top_p, "top_k": 0, "max_new_tokens": max_tokens})
-        groups = policy.generate(prompt_token_ids, n, seed=seed, greedy=greedy, settings=sampling)
-        return [[Answer(policy.tokenizer.decode(r.token_ids, skip_special_tokens=True), len(r.token_ids),
-                        r.finish_reason) for r in group] for group in groups]
-    return generate
-
-
-def evaluate_during_training(policy, benchmarks: dict[str, list[BenchItem]], cfg: TrainConfig, verifier,
+def evaluate_during_training(policy, tokenizer, benchmarks: dict[str, list[BenchItem]], cfg: TrainConfig, verifier,
                              rank: int, world: int) -> dict[str, float]:
     """This process's share of the evaluation; on the main process (rank 0) the pooled metrics."""
     settings = eval_settings(cfg)
     mine = {name: items[rank::world] for name, items in benchmarks.items()}
-    # transformers: the evaluation's own generate on the unwrapped model (forked RNG, eval mode);
-    # another engine (vLLM) is asked through the policy, which pushes the current weights first.
-    generate = None if policy.engine.name == "transformers" else engine_generate(policy)
-    sampler = Sampler.from_loaded(policy.module, policy.tokenizer, settings, generate)
-    try:
-        records = sample_benchmarks(sampler, mine, settings, verifier)
-    finally:
-        sampler.close()
+    # transformers: a private-RNG engine on the unwrapped model (eval mode while sampling); another
+    # engine (vLLM) is asked through the policy, which pushes the current weights first.
+    if policy.engine.name == "transformers":
+        engine = open_engine("transformers", cfg.rollout, policy.module, tokenizer, private_rng=True)
+    else:
+        engine = policy
+    sampler = Sampler(engine, tokenizer, settings, rollout=cfg.rollout, name=policy.engine.name)
+    records = sample_benchmarks(sampler, mine, settings, verifier)
     shares = gather_object([records]) if world > 1 else [records]
     if rank != 0:
         return {}
@@ -87,14 +75,12 @@ class SampleLog:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows of steps after the checkpoint, so each step is logged once."""
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl(self.path, step)
 
-    def write(self, step: int, batch: Sequence[TrainPrompt], rows: Sequence[Row], texts: Sequence[str],
-              correct: Sequence[bool], plan: GuidancePlan, tokenizer, group_size: int) -> None:
+    def write(self, step: int, record: StepRecord, tokenizer) -> None:
         """Guided prompts first (their groups show the injected traces), then the others."""
+        batch, rows, texts, plan, group_size = record.prompts, record.rows, record.texts, record.plan, record.group_size
+        correct = record.correct.tolist()
         scores = {(inj.prompt_index, inj.slot): inj.score for inj in plan.injections}
         guided = sorted({inj.prompt_index for inj in plan.injections})
         order = guided + [b for b in range(len(batch)) if b not in guided]

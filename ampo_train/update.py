@@ -1,10 +1,11 @@
-"""A step's gradient: old log-probs before the first update, then per mini-batch the mixed loss
-accumulated over micro-batches.
+"""A step's updates: old log-probs before the first update, then per mini-batch the mixed loss
+accumulated over micro-batches, clipped and applied.
 
-    prepare_rows(policy, rows, cfg, stats)      # row.old_logp / row.ref_logp when the step needs them
-    for mini in mini-batches:
-        minibatch_backward(policy, mini, cfg, stats, accelerator.backward, no_sync)
-        ... clip, optimizer.step()               (the loop in trainer.py)
+    prepare_rows(policy, rows, cfg, stats)          # row.old_logp / row.ref_logp when the step needs them
+    norms = update_policy(policy, rows, cfg, stats, optimization)
+        for each PPO epoch, each mini-batch of cfg.prompts_per_update prompts:
+            minibatch_backward(policy, mini, cfg, stats, backward, no_sync, num_tokens)
+            optimization.apply(policy, stats)       # clip, step (or skip a non-finite update), LR
 
 Each micro-batch's loss is normalised by its mini-batch's totals, so the accumulated gradient is
 the whole mini-batch's, for every aggregation mode (``ampo_train.loss.aggregate``), however the
@@ -17,16 +18,113 @@ ZeRO-3, where the update's pass runs the model's own head inside its forward.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
+from accelerate import Accelerator
 from torch import Tensor
 
 from ampo_train.batching import micro_batch_groups, padded_tokens, split_to_count
 from ampo_train.config import TrainConfig
 from ampo_train.data import Row, RowBatch, collate, row_lengths
+from ampo_train.distributed import accumulating, update_applied
 from ampo_train.loss import aggregate, kl_k3, mixed_token_loss, truncated_is_weight
 from ampo_train.metrics import StepStats
+
+
+class TrainablePolicy(Protocol):
+    """What the update needs of the student (``policy.Policy`` is one)."""
+
+    pad_id: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def response_logprobs(self, mb: RowBatch, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """With gradients: ``[N, R]`` log-probs of the response tokens (and entropies)."""
+        ...
+
+    def logprobs(self, rows: Sequence[Row], micro_batch_size: int, reference: bool = False,
+                 max_tokens: int | None = None) -> list[Tensor]:
+        """Without gradients: each row's response log-probs (the reference's with ``reference``)."""
+        ...
+
+    def weights_changed(self) -> None:
+        """An optimizer step changed the weights (the rollout engine must be synced)."""
+        ...
+
+
+@dataclass
+class Optimization:
+    """What turns an accumulated gradient into an update: Accelerate's accelerator and wrapped
+    model, the optimizer, the LR schedule (unprepared: it counts applied updates only, whatever the
+    process count) and train.yaml's clipping norm."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    max_grad_norm: float | None = None
+
+    def backward(self, loss: Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def no_sync(self):
+        """Around a micro-batch's backward that is not its mini-batch's last (``distributed.accumulating``)."""
+        return accumulating(self.accelerator, self.model)
+
+    def apply(self, policy: TrainablePolicy, stats: StepStats) -> float:
+        """Clip the accumulated gradient and step, unless its norm is not finite: then, as the
+        reference does, the update is skipped (weights, optimizer moments and LR schedule untouched)
+        and counted in ``skipped_updates``. Returns the gradient norm before clipping. (Under
+        DeepSpeed its engine has already clipped and stepped, or skipped, in the last backward, and
+        this reads the norm it computed: see ``ampo_train/zero.py``.)"""
+        accelerator, optimizer = self.accelerator, self.optimizer
+        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf")))
+        stats.mean("lr", self.scheduler.get_last_lr()[0])
+        if getattr(accelerator, "scaler", None) is not None:
+            # fp16 loss scaling (a GradScaler): the scaler must see every update. Its step skips an
+            # overflowing one by itself and lowers the scale; had we skipped the call, the next
+            # update would fail ("unscale_() has already been called") and the scale never back off.
+            optimizer.step()
+            applied = not optimizer.step_was_skipped
+        else:
+            applied = update_applied(accelerator, grad_norm)
+            if applied:
+                optimizer.step()  # DeepSpeed: a no-op (its engine stepped)
+        if applied:
+            stats.mean("grad_norm", grad_norm)
+            self.scheduler.step()
+            policy.weights_changed()
+        else:
+            stats.total("skipped_updates", 1)
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+def update_policy(policy: TrainablePolicy, rows: Sequence[Row], cfg: TrainConfig, stats: StepStats,
+                  optimization: Optimization) -> list[float]:
+    """The step's optimizer updates: for each PPO epoch, each mini-batch of
+    ``cfg.prompts_per_update`` prompts (this process's share of them, G rows each) is accumulated
+    over micro-batches and applied. Returns the gradient norm of every update (a non-finite one was
+    skipped)."""
+    accelerator = optimization.accelerator
+    world, group = accelerator.num_processes, cfg.group_size
+    local_prompts = cfg.prompts_per_update // world
+    stats.total("skipped_updates", 0)
+    norms = []
+    for _ in range(cfg.ppo_epochs):
+        for first in range(0, len(rows) // group, local_prompts):
+            mini = rows[first * group:(first + local_prompts) * group]
+            num_tokens = None
+            if cfg.loss.aggregation == "token_mean" and world > 1:
+                local = torch.tensor([sum(len(r.response_ids) for r in mini)], device=accelerator.device)
+                num_tokens = float(accelerator.reduce(local, "sum").item()) / world
+            minibatch_backward(policy, mini, cfg, stats, optimization, num_tokens)
+            stats.mean("loss/policy", 0.0, 1.0)
+            norms.append(optimization.apply(policy, stats))
+    return norms
 
 
 def micro_batches(rows: Sequence[Row], cfg: TrainConfig) -> list[list[int]]:
@@ -70,7 +168,7 @@ def record_logprob_diff(stats: StepStats, trainer_logp: Tensor, engine_logp: Ten
 
 
 @torch.no_grad()
-def prepare_rows(policy, rows: Sequence[Row], cfg: TrainConfig, stats: StepStats) -> None:
+def prepare_rows(policy: TrainablePolicy, rows: Sequence[Row], cfg: TrainConfig, stats: StepStats) -> None:
     """Sampling-time log-probs (``row.old_logp``) and, for KL, the reference's (``row.ref_logp``).
 
     Computed once per step before the first update, so every mini-batch and PPO epoch measures its
@@ -90,14 +188,30 @@ def prepare_rows(policy, rows: Sequence[Row], cfg: TrainConfig, stats: StepStats
             row.ref_logp = logp
 
 
-def minibatch_backward(policy, mini: Sequence[Row], cfg: TrainConfig, stats: StepStats,
-                       backward: Callable[[Tensor], None],
-                       no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                       num_tokens: float | None = None) -> None:
+class Backward(Protocol):
+    """How a micro-batch's loss is backpropagated (``Optimization``; a test passes ``PlainBackward``)."""
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def no_sync(self) -> contextlib.AbstractContextManager: ...
+
+
+class PlainBackward:
+    """``loss.backward()`` in one process: no accumulation context needed."""
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def minibatch_backward(policy: TrainablePolicy, mini: Sequence[Row], cfg: TrainConfig, stats: StepStats,
+                       backward: Backward = PlainBackward(), num_tokens: float | None = None) -> None:
     """Accumulate one mini-batch's gradient over micro-batches (``micro_batches``).
 
-    Gradients are all-reduced across processes once, on the last micro-batch (``no_sync`` on the
-    others). ``num_tokens``: the token_mean normaliser; None = this process's mini-batch tokens.
+    Gradients are all-reduced across processes once, on the last micro-batch (``backward.no_sync``
+    on the others). ``num_tokens``: the token_mean normaliser; None = this process's mini-batch tokens.
     Under several processes the ranks first agree on one micro-batch count (``agreed_count``), and
     a rank with fewer splits its largest micro-batches (``batching.split_to_count``): every rank
     holds the same number of rows, so that count is always reachable.
@@ -119,14 +233,14 @@ def minibatch_backward(policy, mini: Sequence[Row], cfg: TrainConfig, stats: Ste
     stats.mean("update/padding", padded - sum(p + r for p, r in lengths), padded)
     normaliser = num_tokens if num_tokens is not None else local_tokens
     for i, group in enumerate(groups):
-        with contextlib.nullcontext() if i == len(groups) - 1 else no_sync():
+        with contextlib.nullcontext() if i == len(groups) - 1 else backward.no_sync():
             mb = collate([mini[j] for j in group], policy.pad_id).to(policy.device)
             with offloaded(cfg.activation_offload):
                 loss = micro_loss(policy, mb, cfg, len(mini), normaliser, local_tokens, stats)
-            backward(loss)
+            backward.backward(loss)
 
 
-def micro_loss(policy, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_tokens: float,
+def micro_loss(policy: TrainablePolicy, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_tokens: float,
                local_tokens: int, stats: StepStats) -> Tensor:
     """The loss of one micro-batch, normalised so that a mini-batch's micro-batches add up to its loss.
 
@@ -146,8 +260,7 @@ def micro_loss(policy, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_t
     old = mb.old_logp if mb.old_logp is not None else logp.detach()
     if mb.old_logp is None and mb.engine_logp is not None:
         record_logprob_diff(stats, old, mb.engine_logp, rollout_tokens)
-    token = mixed_token_loss(logp, old, mb.advantages, mb.is_teacher, lc.clip_low, lc.clip_high, lc.dual_clip,
-                             lc.shaping_gamma)
+    token = mixed_token_loss(logp, old, mb.advantages, mb.is_teacher, lc)
     token_loss = token.loss
     if cfg.rollout.is_correction == "tis" and mb.engine_logp is not None:
         weight = truncated_is_weight(old, mb.engine_logp, cfg.rollout.is_cap)

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from ampo_train.config import RolloutSettings
-from ampo_train.rollout import Rollout, cut_at_eos
+from ampo_train.rollout import EngineTarget, Rollout
 
 # vLLM's LoRA kernels are compiled for these ranks; the engine's max is the smallest that fits.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -67,12 +67,10 @@ def _scratch_root() -> Path:
 class VLLMRollout:
     name = "vllm"
 
-    def __init__(self, model_path: str, tokenizer_path: str, settings: RolloutSettings, eos_ids: Sequence[int], *,
-                 max_model_len: int, seed: int, lora_rank: int | None = None, trainer_dtype: str = "float32",
-                 mixed_precision: str = "no", world_size: int = 1):
+    def __init__(self, target: EngineTarget, settings: RolloutSettings):
         on_gpu = torch.cuda.is_available()
         v = settings.vllm
-        if world_size == 1 and v.tensor_parallel_size == 1:
+        if target.world_size == 1 and v.tensor_parallel_size == 1:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{v.cpu_kv_cache_gib:g}")
@@ -87,14 +85,12 @@ class VLLMRollout:
 
         self.settings = settings
         self.on_gpu = on_gpu
-        self.eos_ids = list(eos_ids)
-        self.lora = lora_rank is not None
+        self.eos_ids = list(target.eos_ids)
+        self.lora = target.lora_rank is not None
         self.sleep_mode = on_gpu if v.sleep_mode is None else (v.sleep_mode and on_gpu)
-        dtype = v.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if (on_gpu and mixed_precision == "bf16") else trainer_dtype
         kwargs = dict(
-            model=model_path, tokenizer=tokenizer_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            model=target.model, tokenizer=target.tokenizer, dtype=target.dtype, seed=target.seed,
+            max_model_len=target.max_model_len,
             enforce_eager=(not on_gpu) if v.enforce_eager is None else v.enforce_eager,
             tensor_parallel_size=v.tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
             # Log-probs of the distribution that sampled: after temperature and the top-k/top-p cut.
@@ -102,10 +98,10 @@ class VLLMRollout:
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = v.gpu_memory_utilization
-        if world_size > 1:
+        if target.world_size > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if self.lora:
-            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(target.lora_rank), max_loras=1)
         self.llm = LLM(**kwargs)
         self.version = 0
         self.lora_request = None
@@ -152,7 +148,7 @@ class VLLMRollout:
                 logprobs = None
                 if out.logprobs is not None:
                     logprobs = [step[token].logprob for token, step in zip(tokens, out.logprobs)]
-                group.append(cut_at_eos(tokens, eos, logprobs))
+                group.append(Rollout.cut(tokens, eos, logprobs))
             groups.append(group)
         if self.sleep_mode:
             self.sleep()

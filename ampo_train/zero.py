@@ -55,7 +55,7 @@ import warnings
 
 import torch
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 
 _INSTALL = 'pip install -e ".[deepspeed]" (on a CPU: pip install -c constraints/cpu.txt -e ".[deepspeed]")'
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu")

@@ -164,8 +164,8 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
     from ampo_train.metrics import StepStats
     from ampo_train.rewards import score_responses
     from ampo_train.forward import response_logprobs
-    from ampo_train.policy import Policy
-    from ampo_train.update import minibatch_backward
+    from ampo_train.policy import ForwardSettings, Policy
+    from ampo_train.update import PlainBackward, minibatch_backward
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -264,12 +264,14 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
     model_ours.zero_grad(set_to_none=True)
     losses = []
 
-    def backward(loss):
-        losses.append(float(loss.detach()))
-        loss.backward()
+    class Recording(PlainBackward):
+        def backward(self, loss):
+            losses.append(float(loss.detach()))
+            loss.backward()
 
     stats = StepStats()
-    minibatch_backward(Policy(model_ours, tokenizer, cfg.rollout), rows, cfg, stats, backward)
+    policy = Policy(model_ours, None, tokenizer.pad_token_id, ForwardSettings(cfg.rollout.temperature))
+    minibatch_backward(policy, rows, cfg, stats, Recording())
     loss_ours = sum(losses)
     grads_ours = {n: p.grad.detach().clone() for n, p in model_ours.named_parameters() if p.grad is not None}
     verifier.close()

@@ -27,6 +27,14 @@ from pathlib import Path
 
 import torch
 
+# TRL loss_type -> our loss.aggregation (bench/trl_parity.py checks each pair on one batch)
+LOSS_PAIRS = {
+    "dr_grpo": "seq_mean_token_sum_norm",
+    "grpo": "seq_mean_token_mean",
+    "bnpo": "token_mean",
+    "dapo": "token_mean",
+}
+
 MIB = 1024 * 1024
 
 
@@ -104,7 +112,6 @@ def lora_config(probe: UpdateProbe):
 def ours_config(probe: UpdateProbe, work: Path):
     """Our ``TrainConfig`` for the update, validated as ``ampo-train run`` validates it."""
     from ampo_train.config import load_train_config
-    from bench.vs_trl import LOSS_PAIRS
 
     work.mkdir(parents=True, exist_ok=True)
     prompts = work / "prompts.jsonl"
@@ -134,7 +141,7 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
     if arm == "ours":
         from ampo_train.data import Row
         from ampo_train.metrics import StepStats
-        from ampo_train.policy import Policy
+        from ampo_train.policy import ForwardSettings, Policy
         from ampo_train.update import minibatch_backward
 
         cfg = ours_config(probe, work)
@@ -142,12 +149,13 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
             from peft import get_peft_model
 
             model = get_peft_model(model, lora_config(probe))
-        policy = Policy(model, tokenizer, cfg.rollout, chunk_size=cfg.logit_chunk_size)
+        policy = Policy(model, None, tokenizer.pad_token_id,
+                        ForwardSettings(cfg.rollout.temperature, cfg.logit_chunk_size))
 
         def update(batch):
             rows = [Row(p.tolist(), r.tolist(), 0.0, advantage=float(a))
                     for p, r, a in zip(batch["prompt"], batch["response"], batch["advantages"])]
-            minibatch_backward(policy, rows, cfg, StepStats(), lambda loss: loss.backward())
+            minibatch_backward(policy, rows, cfg, StepStats())
             model.zero_grad(set_to_none=True)
 
         return update

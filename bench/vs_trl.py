@@ -68,13 +68,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# TRL loss_type -> our loss.aggregation (bench/trl_parity.py checks each pair on one batch)
-LOSS_PAIRS = {
-    "dr_grpo": "seq_mean_token_sum_norm",
-    "grpo": "seq_mean_token_mean",
-    "bnpo": "token_mean",
-    "dapo": "token_mean",
-}
+from bench.update_probe import LOSS_PAIRS  # noqa: E402  (TRL loss_type -> our loss.aggregation)
 
 
 @dataclass

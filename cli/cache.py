@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ampo_cache.build import TeacherPlan, load_build_prompts, parse_shard, plan_build, run_build
 from ampo_cache.coverage import coverage_report
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.export import FORMATS as EXPORT_FORMATS
 from ampo_cache.export import export as export_store
 from ampo_cache.importer import import_traces

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -40,7 +40,7 @@ def build(
     size: str = typer.Option("full", help="full (the demo's world, ~3 min on 2 cores) | small (for tests, < 1 min)."),
 ):
     """Build problems, tokenizer, four teachers and a student; print their accuracy per level."""
-    from ampo_cache.errors import InputError
+    from ampo_common.errors import InputError
     from tinyworld.build import SIZES, build_world, total_units
 
     with user_errors():
@@ -72,7 +72,7 @@ def _experiment(settings, title: str) -> None:
 
 def _settings(folder: Path, out: Optional[Path], arms: str, seeds: str, overrides: Optional[List[str]], samples: int,
               report: str = "results"):
-    from ampo_cache.errors import InputError
+    from ampo_common.errors import InputError
     from tinyworld.experiment import ARMS, ExperimentSettings
 
     names = [a.strip() for a in arms.split(",") if a.strip()]

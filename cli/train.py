@@ -33,7 +33,7 @@ def run(
     Multi-process: `accelerate launch --num_processes N -m cli.train run --config train.yaml`
     (on CPUs add --multi_gpu: accelerate then starts N gloo processes).
     """
-    from ampo_cache.errors import InputError
+    from ampo_common.errors import InputError
     from ampo_train.checkpoint import find_checkpoint, read_trainer_state
     from ampo_train.config import load_train_config
 
@@ -70,7 +70,8 @@ def eval_(
     max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Most tokens generated per answer."),
     greedy: bool = typer.Option(False, "--greedy", help="Also report greedy accuracy (one more decode per problem)."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System turn of the chat, when set."),
-    backend: str = typer.Option("transformers", "--backend", help="transformers | vllm | auto."),
+    engine: str = typer.Option("transformers", "--engine", "--backend",
+                               help="transformers | vllm | auto: the trainer's rollout engines (--backend: old name)."),
     problem_col: Optional[str] = typer.Option(None, "--problem-col", help="Problem column when not a usual name."),
     answer_col: Optional[str] = typer.Option(None, "--answer-col", help="Answer column when not a usual name."),
     seed: int = typer.Option(0, "--seed"),
@@ -83,7 +84,7 @@ def eval_(
     """avg@n, unbiased pass@k (Chen et al.), optional greedy accuracy and solution diversity, per
     benchmark file and overall; a table on the console, JSON with --out, a PNG with --plot, every
     answer with --log-samples."""
-    from ampo_cache.errors import InputError
+    from ampo_common.errors import InputError
     from ampo_train.evaluation.benchmarks import load_benchmark
     from ampo_train.evaluation.runner import EvalSettings, ModelSpec, check_settings, evaluate
     from ampo_train.evaluation.sample_log import check_log_path
@@ -91,8 +92,8 @@ def eval_(
 
     with user_errors():
         ks = _parse_ks(k)
-        if backend not in ("transformers", "vllm", "auto"):
-            raise InputError("--backend", f"expected transformers, vllm or auto, got {backend!r}")
+        if engine not in ("transformers", "vllm", "auto"):
+            raise InputError("--engine", f"expected transformers, vllm or auto, got {engine!r}")
         if adapter is not None and len(model) != 1:
             raise InputError("--adapter", "goes with a single --model (pass adapter folders as --model to compare several)")
         if label and len(label) != len(model):
@@ -103,7 +104,7 @@ def eval_(
         if len(benchmarks) != len(data):
             raise InputError("--data", "two benchmark files share a file name; their results would collide")
         settings = EvalSettings(samples=samples, ks=ks, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                greedy=greedy, seed=seed, system_prompt=system_prompt, backend=backend)
+                                greedy=greedy, seed=seed, system_prompt=system_prompt, engine=engine)
         check_settings(settings)
         for target, name in ((out, "--out"), (plot, "--plot"), (log_samples, "--log-samples")):
             check_output_file(target, name)
@@ -121,7 +122,7 @@ def eval_(
 
 
 def _parse_ks(text: str) -> list[int]:
-    from ampo_cache.errors import InputError
+    from ampo_common.errors import InputError
 
     try:
         ks = sorted({int(part) for part in text.split(",") if part.strip()})

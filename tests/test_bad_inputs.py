@@ -233,7 +233,8 @@ ROWS = [
     ("ampo-train", EVAL + " --model {model} --log-samples {file}/s.parquet", "{file} is a file, not a folder"),
     ("ampo-train", EVAL + " --model {model} --out {dir}", "--out {dir}: is a directory"),
     ("ampo-train", EVAL + " --model {model} --k 1,4", "--k: every k must be <= --samples (2)"),
-    ("ampo-train", EVAL + " --model {model} --backend tpu", "--backend"),
+    ("ampo-train", EVAL + " --model {model} --backend tpu", "--engine: expected transformers, vllm or auto"),
+    ("ampo-train", EVAL + " --model {model} --engine tpu", "--engine: expected transformers, vllm or auto"),
 ]
 
 

@@ -23,8 +23,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ampo_cache.errors import InputError
-from ampo_train.checkpoint import FORMAT_KEY, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from ampo_common.errors import InputError
+from ampo_train.checkpoint import FORMAT_KEY, CheckpointContent, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ampo_train.distributed import load_optimizer_state, optimizer_state
 from ampo_train.config import load_train_config
 from ampo_train.trainer import train
@@ -258,8 +258,9 @@ def _train_steps(model, optimizer, n: int, scheduler=None) -> None:
 
 
 def _save(tmp_path, model, optimizer, scheduler, rng_states) -> Path:
-    return save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer_state(model, optimizer), scheduler,
-                           rng_states, {"data": {"epoch": 0, "offset": 0}})
+    content = CheckpointContent(model, None, optimizer_state(model, optimizer), scheduler.state_dict(), rng_states,
+                                {"data": {"epoch": 0, "offset": 0}})
+    return save_checkpoint(tmp_path / "checkpoints", 3, content)
 
 
 def _draws(guidance: random.Random) -> list:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ampo_train.comprehension import (
+    Scoring,
     answer_token_mask,
     comprehension_score,
     no_reasoning_trace,
@@ -146,7 +147,7 @@ def test_score_candidates_matches_a_manual_forward(tiny):
     prompt_text = "<user>what is 1/2\n<assistant>"
     assert tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == prompt_text
 
-    scores = score_candidates(model, tok, MESSAGES, TRACES, "0.5", temperature=0.7)
+    scores = score_candidates(model, tok, MESSAGES, TRACES, "0.5", Scoring(temperature=0.7))
     assert model.training  # mode restored
 
     expected = []
@@ -160,7 +161,7 @@ def test_score_candidates_matches_a_manual_forward(tiny):
     assert 0.0 < scores[0] < 1.0 and scores[0] != scores[1]
 
     # a rendered prompt string gives the same result as chat messages
-    again = score_candidates(model, tok, prompt_text, TRACES, "0.5", temperature=0.7)
+    again = score_candidates(model, tok, prompt_text, TRACES, "0.5", Scoring(temperature=0.7))
     assert again == pytest.approx(scores, rel=1e-6)
 
 
@@ -169,14 +170,14 @@ def test_score_candidates_other_kinds_and_trace_likelihood(tiny):
     prompt_text = "<user>what is 1/2\n<assistant>"
     new_text, (a, b) = with_ground_truth(TRACES[0], "0.5")
     lp = _manual_logprobs(model, vocab, prompt_text, new_text, 1.0)[a:b]
-    got = score_candidates(model, tok, MESSAGES, TRACES[:1], "0.5", kind="prob")
+    got = score_candidates(model, tok, MESSAGES, TRACES[:1], "0.5", Scoring(kind="prob"))
     assert got[0] == pytest.approx(lp.sum().exp().item(), rel=1e-5)
-    got = score_candidates(model, tok, MESSAGES, TRACES, "0.5", kind="mean_logp")
+    got = score_candidates(model, tok, MESSAGES, TRACES, "0.5", Scoring(kind="mean_logp"))
     assert got[0] == pytest.approx(lp.mean().item(), rel=1e-5)
     assert got[2] == float("-inf")
 
     # trace likelihood: mean log p over every character of the UNMODIFIED trace
-    got = score_candidates(model, tok, MESSAGES, TRACES, "0.5", rank="trace_likelihood")
+    got = score_candidates(model, tok, MESSAGES, TRACES, "0.5", Scoring(rank="trace_likelihood"))
     for text, score in zip(TRACES, got):
         assert score == pytest.approx(_manual_logprobs(model, vocab, prompt_text, text, 1.0).mean().item(), rel=1e-5)
 
@@ -184,4 +185,4 @@ def test_score_candidates_other_kinds_and_trace_likelihood(tiny):
 def test_score_candidates_truncation_hides_a_late_answer(tiny):
     model, tok, _ = tiny
     # trace 0's answer starts at character 22; keep only 10 tokens -> not locatable -> 0
-    assert score_candidates(model, tok, MESSAGES, TRACES[:1], "0.5", max_response_tokens=10) == [0.0]
+    assert score_candidates(model, tok, MESSAGES, TRACES[:1], "0.5", Scoring(max_response_tokens=10)) == [0.0]

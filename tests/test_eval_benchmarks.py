@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.verify import Verifier
 from ampo_train.evaluation.benchmarks import BenchItem, load_benchmark
 from ampo_train.evaluation.runner import verify_any

@@ -1,5 +1,6 @@
-"""Training-time evaluation (`evaluate_loaded`): a model already in memory, the same loop and numbers as
-`evaluate` on the saved model, and nothing about the model or the random state changed."""
+"""Training-time evaluation (a ``Sampler`` over the weights in memory, as ``evaluate_during_training``
+builds it): the same loop and numbers as `evaluate` on the saved model, and nothing about the model or
+the random state changed."""
 
 import io
 import re
@@ -12,7 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ampo_cache.verify import Verifier
 from ampo_train.evaluation.benchmarks import load_benchmark
-from ampo_train.evaluation.runner import EvalSettings, ModelSpec, evaluate, evaluate_loaded, metric_values
+from ampo_train.evaluation.runner import (EvalSettings, ModelSpec, Sampler, evaluate, metric_values, sample_benchmarks,
+                                          summaries)
+from ampo_train.evaluation.sample_log import sample_rows, write_sample_log
+from ampo_train.rollout import Rollout, open_engine
 
 SETTINGS = dict(samples=2, ks=[1, 2], max_tokens=40, greedy=True, seed=3, verify_workers=0)
 
@@ -39,8 +43,10 @@ def test_loaded_peft_model_in_train_mode_matches_evaluate_on_the_saved_model(tin
     tokenizer = AutoTokenizer.from_pretrained(tiny_world.student)
 
     with Verifier(workers=0) as verifier:
-        loaded = evaluate_loaded(model, tokenizer, benchmarks, settings, verifier, label="student",
-                                 log_samples=tmp_path / "loaded.parquet")
+        engine = open_engine("transformers", settings.rollout_settings(), model, tokenizer, private_rng=True)
+        per_file = sample_benchmarks(Sampler(engine, tokenizer, settings), benchmarks, settings, verifier)
+    loaded = summaries(per_file, settings)
+    write_sample_log(sample_rows("student", per_file, settings), tmp_path / "loaded.parquet")
 
     assert loaded["benchmarks"] == saved["benchmarks"] and loaded["overall"] == saved["overall"]
     # the same answers, text for text (the summaries alone are too coarse to tell sampling modes apart)
@@ -51,29 +57,39 @@ def test_loaded_peft_model_in_train_mode_matches_evaluate_on_the_saved_model(tin
     assert torch.equal(torch.get_rng_state(), rng)  # the trainer's random stream is untouched
 
 
-def _oracle_engine(tokenizer, calls):
+class _OracleEngine:
     """A stand-in engine (like a vLLM one) that reads each prompt's sum and answers it in a box."""
-    def generate(prompt_token_ids, n, temperature, *, top_p, max_tokens, seed):
-        calls.append((len(prompt_token_ids), n, temperature, max_tokens))
-        answers = []
-        for ids in prompt_token_ids:
-            terms = re.search(r"What is ([\d +]+)\?", tokenizer.decode(ids)).group(1)
-            answers.append([f"so \\boxed{{{sum(int(t) for t in terms.split('+'))}}}"] * n)
-        return answers
-    return generate
+
+    name = "oracle"
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, n, seed=None, greedy=False, settings=None):
+        self.calls.append((len(prompts), n, greedy, settings.temperature, settings.max_new_tokens))
+        groups = []
+        for ids in prompts:
+            terms = re.search(r"What is ([\d +]+)\?", self.tokenizer.decode(ids)).group(1)
+            answer = self.tokenizer(f"so \\boxed{{{sum(int(t) for t in terms.split('+'))}}}",
+                                    add_special_tokens=False)["input_ids"]
+            groups.append([Rollout(answer + [self.tokenizer.eos_token_id], "stop")] * n)
+        return groups
 
 
 def test_a_plugged_in_engine_generates_and_metrics_are_flat(tiny_world):
     settings = EvalSettings(**SETTINGS)
     benchmarks = _benchmarks(tiny_world)
     tokenizer = AutoTokenizer.from_pretrained(tiny_world.student)
-    calls = []
+    engine = _OracleEngine(tokenizer)
     with Verifier(workers=0) as verifier:
-        report = evaluate_loaded(None, tokenizer, benchmarks, settings, verifier, generate=_oracle_engine(tokenizer, calls))
+        report = summaries(sample_benchmarks(Sampler(engine, tokenizer, settings), benchmarks, settings, verifier),
+                           settings)
     problems = sum(len(items) for items in benchmarks.values())
-    assert sum(c[0] for c in calls if c[2] == 0.6) == problems and {c[1] for c in calls if c[2] == 0.6} == {2}
-    assert sum(c[0] for c in calls if c[2] == 0.0) == problems and {c[1] for c in calls if c[2] == 0.0} == {1}
-    assert {c[3] for c in calls} == {40}
+    sampled = [c for c in engine.calls if not c[2]]
+    greedy = [c for c in engine.calls if c[2]]
+    assert sum(c[0] for c in sampled) == problems and {c[1] for c in sampled} == {2} and {c[3] for c in sampled} == {0.6}
+    assert sum(c[0] for c in greedy) == problems and {c[1] for c in greedy} == {1}
+    assert {c[4] for c in engine.calls} == {40}
     metrics = metric_values(report)
     assert metrics == {f"eval/{name}/{key}": 1.0 for name in [*benchmarks, "overall"]
                        for key in ("avg@2", "pass@1", "pass@2", "greedy")}

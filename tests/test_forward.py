@@ -82,7 +82,7 @@ def _head_calls(model):
 
 
 def test_no_pass_ever_holds_more_than_one_chunk_of_logits():
-    from ampo_train.comprehension import score_candidates
+    from ampo_train.comprehension import Scoring, score_candidates
     from tests.trainer_fixtures import make_tokenizer
 
     model = _model(layers=1, hidden=16)
@@ -102,11 +102,11 @@ def test_no_pass_ever_holds_more_than_one_chunk_of_logits():
         sizes.clear()
         traces = ["x" * 600 + " \\boxed{3}", "y" * 500 + " \\boxed{4}"]
         tok = make_tokenizer()
-        scores = score_candidates(model, tok, "what is 1+2?", traces, "3", rank="trace_likelihood", chunk_size=1)
+        scores = score_candidates(model, tok, "what is 1+2?", traces, "3", Scoring(rank="trace_likelihood", chunk_size=1))
         assert len(scores) == 2 and all(s < 0 for s in scores)
         assert max(sizes) <= chunk * VOCAB and sum(sizes) >= 1100 * VOCAB
         sizes.clear()
-        score_candidates(model, tok, "what is 1+2?", traces, "3", chunk_size=1)  # a few answer tokens
+        score_candidates(model, tok, "what is 1+2?", traces, "3", Scoring(chunk_size=1))  # a few answer tokens
         assert max(sizes) <= 2 * VOCAB  # the model's own head on its last position, or 2 answer tokens
     finally:
         handle.remove()

@@ -14,6 +14,12 @@ from ampo_train.loss import token_entropy, token_logprobs
 LN2 = math.log(2.0)
 
 
+@pytest.fixture(autouse=True)
+def small_chunks_on_cpu(monkeypatch):
+    """No CPU floor on the chunk size: the chunk sizes a test names are the ones that run."""
+    monkeypatch.setattr("ampo_train.lm_head.CPU_MIN_CHUNK_ELEMENTS", 0)
+
+
 def _run_both(head, hidden, targets, temperature, chunk_size, with_entropy, params, mask=None):
     """Values and gradients (w.r.t. hidden and ``params``) of a loss mixing both outputs with
     random per-token weights, through the chunked path and through the plain full-logits one."""
@@ -28,8 +34,7 @@ def _run_both(head, hidden, targets, temperature, chunk_size, with_entropy, para
             loss = loss + (torch.where(keep, ent, 0.0) * w_ent).sum()
         return torch.autograd.grad(loss, [hidden, *params])
 
-    out = chunked_logprobs(hidden, head, targets, temperature, chunk_size=chunk_size, with_entropy=with_entropy,
-                           mask=mask, min_chunk_elements=0)
+    out = chunked_logprobs(hidden, head, targets, temperature, chunk_size=chunk_size, with_entropy=with_entropy, mask=mask)
     lp, ent = out if with_entropy else (out, None)
     chunked = (lp, ent, grads_of(lp, ent))
 
@@ -82,7 +87,7 @@ def test_values_and_gradients_by_hand(bias):
     #   d / d h = W^T g = [ln2 * g0, g1 - g2] = [ln2 (0.5 - 0.25 ln2), 0]
     #   d / d W = g h^T = [[g0, 0], [g1, 0], [g2, 0]];  d / d b = g
     head, hidden, targets = _hand_case(bias)
-    lp, ent = chunked_logprobs(hidden, head, targets, with_entropy=True, chunk_size=1, min_chunk_elements=0)
+    lp, ent = chunked_logprobs(hidden, head, targets, with_entropy=True, chunk_size=1)
     assert_close(lp, torch.tensor([[-LN2]]))
     assert_close(ent, torch.tensor([[1.5 * LN2]]))
     (lp + ent).sum().backward()
@@ -101,7 +106,7 @@ def test_temperature_by_hand():
     head, hidden, targets = _hand_case(False)
     with torch.no_grad():
         head.weight[0, 0] = LN2 / 2
-    lp, ent = chunked_logprobs(hidden, head, targets, temperature=0.5, with_entropy=True, min_chunk_elements=0)
+    lp, ent = chunked_logprobs(hidden, head, targets, temperature=0.5, with_entropy=True)
     assert_close(lp, torch.tensor([[-LN2]]))
     assert_close(ent, torch.tensor([[1.5 * LN2]]))
     lp.sum().backward()
@@ -141,8 +146,7 @@ def test_tied_head_gets_both_gradients():
         embed.zero_grad()
         hidden = torch.tanh(embed(ids))  # a stand-in for the model body
         if chunked:
-            lp, ent = chunked_logprobs(hidden, head, targets, 0.7, chunk_size=3, with_entropy=True,
-                                       min_chunk_elements=0)
+            lp, ent = chunked_logprobs(hidden, head, targets, 0.7, chunk_size=3, with_entropy=True)
         else:
             logits = head(hidden)
             lp, ent = token_logprobs(logits, targets, 0.7), token_entropy(logits, 0.7)
@@ -194,7 +198,7 @@ def test_lora_dropout_is_replayed_when_the_chunk_is_recomputed():
     def run(chunked):
         torch.manual_seed(123)
         if chunked:
-            lp = chunked_logprobs(hidden, head, targets, chunk_size=n * t, min_chunk_elements=0)
+            lp = chunked_logprobs(hidden, head, targets, chunk_size=n * t)
         else:
             lp = token_logprobs(head(hidden), targets)
         return lp, torch.autograd.grad(lp.sum(), [hidden, *params])
@@ -240,7 +244,7 @@ def test_no_grad_path_matches_and_records_nothing():
     hidden = torch.randn(4, 5, 8)
     targets = torch.randint(0, 13, (4, 5))
     with torch.no_grad():
-        lp, ent = chunked_logprobs(hidden, head, targets, 0.7, chunk_size=3, with_entropy=True, min_chunk_elements=0)
+        lp, ent = chunked_logprobs(hidden, head, targets, 0.7, chunk_size=3, with_entropy=True)
         logits = head(hidden)
     assert not lp.requires_grad
     assert_close(lp, token_logprobs(logits, targets, 0.7))
@@ -277,7 +281,8 @@ def test_rejects_bad_arguments():
 
 # ---------------------------------------------------------------- memory
 
-def test_effective_chunk_size_floor_on_cpu_only():
+def test_effective_chunk_size_floor_on_cpu_only(monkeypatch):
+    monkeypatch.setattr("ampo_train.lm_head.CPU_MIN_CHUNK_ELEMENTS", 1 << 24)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert effective_chunk_size(256, 151936, cpu) == 256  # 256 * V = 39M logits > 2**24
     assert effective_chunk_size(256, 32000, cpu) == 525  # ceil(2**24 / 32000)
@@ -318,7 +323,6 @@ def test_logits_are_not_kept_for_backward():
         return out, max(sizes, default=0)
 
     _, plain = largest_saved(lambda: token_entropy(head(hidden)) + token_logprobs(head(hidden), targets))
-    _, chunked = largest_saved(lambda: chunked_logprobs(hidden, head, targets, chunk_size=16, with_entropy=True,
-                                                        min_chunk_elements=0))
+    _, chunked = largest_saved(lambda: chunked_logprobs(hidden, head, targets, chunk_size=16, with_entropy=True))
     assert plain >= n * t * v
     assert chunked < v  # nothing of vocabulary size at all

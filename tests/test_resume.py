@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_train.checkpoint import find_checkpoint
 from ampo_train.config import load_train_config
 from ampo_train.trainer import train

@@ -8,21 +8,22 @@ import json
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.lookup import CachedTrace
 from ampo_train.config import GuidanceSettings, load_train_config
 from ampo_train.data import PromptSampler, Row, collate, prepare_prompts, teacher_response_ids
-from ampo_train.guided_step import plan_guidance
+from ampo_train.guided_step import TraceSource, plan_guidance
 from ampo_train.rewards import format_ok, has_repetition, score_responses
 from ampo_train.rollout import Rollout
 from ampo_train.forward import response_logprobs
-from ampo_train.trainer import build_rows, train
-from tests.trainer_fixtures import base_config, make_tokenizer, make_world, write_config
+from ampo_train.trainer import train
+from tests.trainer_fixtures import base_config, make_policy, make_tokenizer, make_world, write_config
 
 METRIC_KEYS = {
     "step", "reward/mean", "reward/mixed", "accuracy", "guidance/fraction", "guidance/guided", "guidance/needed",
@@ -30,6 +31,8 @@ METRIC_KEYS = {
     "response_length/mean", "entropy", "clip/fraction", "clip/low", "clip/high", "clip/dual", "grad_norm",
     "time/generate", "time/guidance", "time/update", "tokens_per_second", "loss/policy", "lr",
 }
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +119,8 @@ def test_plan_guidance_picks_top_k_and_replaces_only_wrong_rollouts():
         # first: beta's shortest (10), alpha (30), gamma (40), then beta's other (20).
         return [{"bbbbbbbbbb": 0.2, "a" * 30: 0.9, "c" * 40: 0.5, "b" * 20: 0.7, "short": 0.3}[t] for t in texts], None
 
-    plan = plan_guidance(["p0", "p1", "p2", "p3"], rewards, lambda ids: {i: store.get(i, []) for i in ids}, scorer,
-                         GuidanceSettings(k=2), random.Random(0))
+    plan = plan_guidance(["p0", "p1", "p2", "p3"], rewards, TraceSource(lambda ids: {i: store.get(i, []) for i in ids},
+                                                                        scorer), GuidanceSettings(k=2), random.Random(0))
     # p1 has a correct rollout: not guided; p3 has no trace: counted, not an error
     assert [b for b, _ in scored] == [0, 2]
     assert scored[0][1] == ["b" * 10, "a" * 30, "c" * 40, "b" * 20]
@@ -147,15 +150,15 @@ def test_plan_guidance_off_always_and_random():
     store = {"p0": [_trace("alpha", "x")], "p1": [_trace("beta", "y")]}
     lookup = lambda ids: {i: store.get(i, []) for i in ids}  # noqa: E731
     rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    off = plan_guidance(["p0", "p1"], rewards, lookup, None, GuidanceSettings(mode="off", k=1), random.Random(0))
+    off = plan_guidance(["p0", "p1"], rewards, TraceSource(lookup), GuidanceSettings(mode="off", k=1), random.Random(0))
     assert off.injections == [] and off.report.needed == 0 and torch.equal(off.rewards, rewards)
-    always = plan_guidance(["p0", "p1"], rewards, lookup, None, GuidanceSettings(mode="always", k=1, rank="random"),
+    always = plan_guidance(["p0", "p1"], rewards, TraceSource(lookup), GuidanceSettings(mode="always", k=1, rank="random"),
                            random.Random(0))
     assert always.report.guided == 2
     assert always.rewards[0].sum() == 1.0 and always.rewards[1].tolist() == [1.0, 1.0]
     assert always.injections[1].slot == 1  # p1: the one wrong rollout is the one replaced
     assert all(i.score is None for i in always.injections)  # random ranking scores nothing
-    no_store = plan_guidance(["p0", "p1"], rewards, None, None, GuidanceSettings(k=1), random.Random(0))
+    no_store = plan_guidance(["p0", "p1"], rewards, TraceSource(None), GuidanceSettings(k=1), random.Random(0))
     assert no_store.report.no_trace == 1 and no_store.injections == []
 
 
@@ -164,10 +167,10 @@ def test_wrong_only_injects_min_k_wrong_as_the_reference():
              "p2": [_trace("alpha", "v")]}
     lookup = lambda ids: {i: store.get(i, []) for i in ids}  # noqa: E731
     rewards = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
-    ours = plan_guidance(["p0", "p1", "p2"], rewards, lookup, None,
+    ours = plan_guidance(["p0", "p1", "p2"], rewards, TraceSource(lookup),
                          GuidanceSettings(mode="always", k=2, rank="random"), random.Random(0))
     assert [len([i for i in ours.injections if i.prompt_index == b]) for b in range(3)] == [2, 2, 1]
-    ref = plan_guidance(["p0", "p1", "p2"], rewards, lookup, None,
+    ref = plan_guidance(["p0", "p1", "p2"], rewards, TraceSource(lookup),
                         GuidanceSettings(mode="always", k=2, rank="random", replace="wrong_only"), random.Random(0))
     # p0: one wrong rollout -> one trace, into that slot; p1: all correct -> none; p2: one candidate
     assert [(i.prompt_index, i.slot) for i in ref.injections] == [(0, 2), (2, ref.injections[1].slot)]
@@ -178,7 +181,7 @@ def test_wrong_only_injects_min_k_wrong_as_the_reference():
 def test_teacher_rows_tokens_mask_and_rewards(world):
     tok = make_tokenizer()
     from ampo_cache.prompts import Prompt
-    from ampo_train.guided_step import GuidancePlan, GuidanceReport, Injection
+    from ampo_train.guided_step import GuidancePlan, GuidanceReport, Injection, mixed_rows
 
     prompts = prepare_prompts([Prompt("p0", "What is 1 + 2?", "3")], tok)
     assert prompts[0].text == "<|user|>What is 1 + 2?\n<|assistant|>"
@@ -189,7 +192,7 @@ def test_teacher_rows_tokens_mask_and_rewards(world):
     group = [Rollout([5, 6, tok.eos_token_id], "stop"), Rollout([7, 8, 9], "length"), Rollout([5], "length")]
     trace = _trace("alpha", text)
     plan = GuidancePlan(torch.tensor([[0.0, 1.0, 0.0]]), [Injection(0, 1, trace, text, 0.5)], GuidanceReport())
-    rows = build_rows(prompts, [group], plan, tok, 64)
+    rows = mixed_rows(prompts, [group], plan, tok, 64)
     assert [r.is_teacher for r in rows] == [False, True, False]
     assert rows[1].response_ids == ids and rows[1].reward == 1.0 and rows[1].teacher == "alpha" and rows[1].finished
     assert rows[0].response_ids == [5, 6, tok.eos_token_id] and rows[0].finished and not rows[2].finished
@@ -281,9 +284,31 @@ def test_vllm_engine_without_vllm_is_one_line_before_loading(world, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()  # nothing loaded, nothing written
 
 
+def test_an_old_vllm_is_one_line_naming_the_version_needed(monkeypatch):
+    """vLLM before 0.16.0 lacks reload_weights(weights_iterator=..., is_checkpoint_format=...): a user
+    who has one reads which version to install, before anything loads, not a TypeError mid-run."""
+    import tomllib
+
+    import ampo_cache.generation as generation
+    from ampo_train import rollout
+    from ampo_train.config import RolloutSettings
+
+    monkeypatch.setattr(generation, "vllm_available", lambda: True)
+    monkeypatch.setattr(rollout, "_installed_vllm_version", lambda: "0.15.1")
+    with pytest.raises(InputError, match=r"^rollout.engine: vllm 0.15.1 is too old: ampo needs vllm>=0.16.0 "):
+        rollout.check_engine(RolloutSettings(engine="vllm"))
+    with pytest.raises(InputError, match=r"^--engine: vllm 0.15.1 is too old"):
+        rollout.check_engine(RolloutSettings(engine="vllm"), key="--engine")
+    for version in ("0.16.0", "0.32.0+cpu", "1.0.0rc1"):
+        monkeypatch.setattr(rollout, "_installed_vllm_version", lambda: version)
+        assert rollout.check_engine(RolloutSettings(engine="vllm")) == "vllm"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["vllm"] == [f"vllm>={rollout.MIN_VLLM}"]  # the pin and the check say the same
+
+
 def test_rollout_seeds_and_engine_choice():
     from ampo_train.config import RolloutSettings
-    from ampo_train.rollout import cut_at_eos, resolve_engine, rollout_seed
+    from ampo_train.rollout import Rollout, resolve_engine, rollout_seed
 
     seeds = {rollout_seed(0, step, rank) for step in range(1, 50) for rank in range(4)}
     assert len(seeds) == 49 * 4 and all(0 <= s < 2 ** 31 for s in seeds)  # one stream per (step, process)
@@ -291,9 +316,9 @@ def test_rollout_seeds_and_engine_choice():
     assert resolve_engine(RolloutSettings(engine="transformers")) == "transformers"
     if not torch.cuda.is_available():
         assert resolve_engine(RolloutSettings(engine="auto")) == "transformers"  # vLLM only pays on a GPU
-    stop = cut_at_eos([5, 2, 7, 2], {2}, [-0.1, -0.2, -0.3, -0.4])
+    stop = Rollout.cut([5, 2, 7, 2], {2}, [-0.1, -0.2, -0.3, -0.4])
     assert (stop.token_ids, stop.finish_reason, stop.logprobs) == ([5, 2], "stop", [-0.1, -0.2])
-    assert cut_at_eos([5, 6], {2}).finish_reason == "length"
+    assert Rollout.cut([5, 6], {2}).finish_reason == "length"
 
 
 def test_truncated_importance_sampling_scales_rollout_gradients(world, tmp_path):
@@ -302,12 +327,11 @@ def test_truncated_importance_sampling_scales_rollout_gradients(world, tmp_path)
     from transformers import AutoModelForCausalLM
 
     from ampo_train.metrics import StepStats
-    from ampo_train.policy import Policy
     from ampo_train.update import minibatch_backward
 
     cfg = _config(world, tmp_path, loss={"entropy_coef": 0.0})
     model = AutoModelForCausalLM.from_pretrained(world["student"])
-    policy = Policy(model, make_tokenizer(), cfg.rollout)
+    policy = make_policy(model, cfg.rollout)
     rows = [Row([5, 6, 7], [8, 9, 10, 2], 0.0, advantage=0.7), Row([5, 6], [11, 12], 0.0, advantage=-0.4)]
     current = policy.logprobs(rows, 8)
 
@@ -317,7 +341,7 @@ def test_truncated_importance_sampling_scales_rollout_gradients(world, tmp_path)
         model.zero_grad()
         run_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"is_correction": tis})})
         stats = StepStats()
-        minibatch_backward(policy, rows, run_cfg, stats, lambda loss: loss.backward())
+        minibatch_backward(policy, rows, run_cfg, stats)
         return [p.grad.clone() for p in model.parameters()], stats.summary()
 
     plain, _ = grads(0.0, None)
@@ -360,7 +384,6 @@ def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation
 
     from ampo_train.batching import padded_tokens
     from ampo_train.metrics import StepStats
-    from ampo_train.policy import Policy
     from ampo_train.update import micro_batches, minibatch_backward, row_lengths
 
     cfg = _config(world, tmp_path, loss={"aggregation": aggregation, "entropy_coef": 0.01})
@@ -380,10 +403,9 @@ def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation
     for micro, tokens, offload in ((10, None, False), (3, None, False), (10, budget, False), (3, None, True)):
         model.zero_grad()
         stats = StepStats()
-        minibatch_backward(Policy(model, make_tokenizer(), cfg.rollout), rows,
+        minibatch_backward(make_policy(model, cfg.rollout), rows,
                            cfg.model_copy(update={"micro_batch_size": micro, "micro_batch_tokens": tokens,
-                                                  "activation_offload": offload}), stats,
-                           lambda loss: loss.backward())
+                                                  "activation_offload": offload}), stats)
         grads.append([p.grad.clone() for p in model.parameters()])
         summary = stats.summary()
         entropy.append(summary["entropy"])

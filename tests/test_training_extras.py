@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from ampo_cache.errors import InputError
-from ampo_train.config import RolloutSettings, load_train_config
+from ampo_common.errors import InputError
+from ampo_train.config import load_train_config
 from tests.trainer_fixtures import base_config, make_world, write_config
 
 
@@ -66,22 +66,30 @@ def test_eval_settings_are_checked_before_anything_loads(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _optimization(model, accelerator=None):
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from ampo_train.update import Optimization
+
+    accelerator = accelerator or Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Optimization(accelerator, model, optimizer, scheduler, max_grad_norm=1.0)
+
+
 def test_a_non_finite_gradient_skips_the_update(world):
     """An inf in the gradient: weights, optimizer state and LR schedule untouched, counted; the next
     finite gradient updates as usual."""
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import AutoModelForCausalLM
 
     from ampo_train.metrics import StepStats
-    from ampo_train.policy import Policy
-    from ampo_train.trainer import apply_update
-    from tests.trainer_fixtures import make_tokenizer
+    from tests.trainer_fixtures import make_policy
 
-    accelerator = Accelerator(cpu=True)
     model = AutoModelForCausalLM.from_pretrained(world["student"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
-    policy = Policy(model, make_tokenizer(), RolloutSettings())
+    optimization = _optimization(model)
+    policy = make_policy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def backward_with(poison: bool):
@@ -92,14 +100,52 @@ def test_a_non_finite_gradient_skips_the_update(world):
 
     stats = StepStats()
     backward_with(poison=True)
-    norm = apply_update(accelerator, model, optimizer, scheduler, policy, 1.0, stats)
+    norm = optimization.apply(policy, stats)
     assert not math.isfinite(norm) and stats.summary()["skipped_updates"] == 1
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all() and torch.equal(p, before[name]), name
         assert p.grad is None  # nothing carried into the next update
-    assert optimizer.state == {} and scheduler.get_last_lr() == [1e-2]
+    assert optimization.optimizer.state == {} and optimization.scheduler.get_last_lr() == [1e-2]
 
     backward_with(poison=False)
-    assert math.isfinite(apply_update(accelerator, model, optimizer, scheduler, policy, 1.0, stats))
+    assert math.isfinite(optimization.apply(policy, stats))
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert stats.summary()["skipped_updates"] == 1 and policy._stale
+
+
+def test_fp16_loss_scaling_skips_an_overflow_and_backs_off(world):
+    """What Accelerate builds for ``mixed_precision: fp16`` on a GPU (native AMP with a GradScaler,
+    here a CPU GradScaler): an overflowing update is skipped by the scaler itself, which halves its
+    scale, and the next finite update steps (before the fix it raised "unscale_() has already been
+    called on this optimizer since the last update()")."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from ampo_train.metrics import StepStats
+    from tests.trainer_fixtures import make_policy
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    accelerator.native_amp = True
+    accelerator.state._mixed_precision = "fp16"  # what unscale_gradients checks
+    assert accelerator.mixed_precision == "fp16"
+    model = AutoModelForCausalLM.from_pretrained(world["student"])
+    optimization = _optimization(model, accelerator)
+    policy = make_policy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def update(poison: bool) -> float:
+        loss = model(torch.tensor([[5, 6, 7, 8]])).logits.float().pow(2).mean()
+        accelerator.backward(loss * float("inf") if poison else loss)  # scaled by 2^16 first
+        return optimization.apply(policy, stats)
+
+    stats = StepStats()
+    assert not math.isfinite(update(poison=True))
+    assert stats.summary()["skipped_updates"] == 1 and accelerator.scaler.get_scale() == 2.0 ** 15
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert optimization.scheduler.get_last_lr() == [1e-2] and not policy._stale
+    assert math.isfinite(update(poison=False))
+    assert stats.summary()["skipped_updates"] == 1 and policy._stale
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert optimization.scheduler.get_last_lr() != [1e-2]  # the schedule counted the applied update
+    assert math.isfinite(update(poison=False))  # and the scaler keeps working

@@ -29,14 +29,16 @@ def world(tmp_path_factory):
 
 
 def _engine(model_dir, settings, lora_rank=None):
-    from ampo_cache.generation.hf import eos_token_ids
-    from ampo_train.vllm_rollout import VLLMRollout
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ampo_common.sequences import eos_token_ids
+    from ampo_train.rollout import EngineTarget, open_engine
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return VLLMRollout(str(model_dir), str(model_dir), settings, eos_token_ids(model, tokenizer),
-                       max_model_len=model.config.max_position_embeddings, seed=0, lora_rank=lora_rank)
+    target = EngineTarget(str(model_dir), str(model_dir), tuple(eos_token_ids(model, tokenizer)),
+                          max_model_len=model.config.max_position_embeddings, seed=0, lora_rank=lora_rank)
+    return open_engine("vllm", settings, model, tokenizer, target)
 
 
 def test_greedy_rollouts_equal_the_transformers_engine(tiny_world):
@@ -45,14 +47,14 @@ def test_greedy_rollouts_equal_the_transformers_engine(tiny_world):
 
     from ampo_cache.prompts import load_prompts
     from ampo_train.data import prepare_prompts
-    from ampo_train.rollout import TransformersRollout
+    from ampo_train.rollout import open_engine
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_world.student)
     model = AutoModelForCausalLM.from_pretrained(tiny_world.student)
     prompts = prepare_prompts(load_prompts(tiny_world.test_prompts(2))[:12], tokenizer)
     settings = RolloutSettings(max_new_tokens=96)
     ids = [p.token_ids for p in prompts]
-    by_transformers = TransformersRollout(lambda: model, tokenizer, settings).generate(ids, 1, greedy=True)
+    by_transformers = open_engine("transformers", settings, model, tokenizer).generate(ids, 1, greedy=True)
     engine = _engine(tiny_world.student, settings)
     try:
         by_vllm = engine.generate(ids, 1, greedy=True)
@@ -93,7 +95,9 @@ def test_engine_follows_the_trainer_after_an_update(world, tiny_world, kind):
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     settings = RolloutSettings(max_new_tokens=8, engine="vllm")
     engine = _engine(student, settings, lora_rank=4 if kind == "lora" else None)
-    policy = Policy(model, tokenizer, settings, engine=engine, engine_stale=kind == "lora")
+    policy = Policy(model, engine, tokenizer.pad_token_id)
+    if kind == "lora":
+        policy.weights_changed()  # the engine loaded the base only
     try:
         chat = tokenizer.apply_chat_template([{"role": "user", "content": "12+30"}], add_generation_prompt=True,
                                              tokenize=False)
@@ -186,3 +190,22 @@ def test_a_sharded_layout_streams_gathered_weights_to_each_engine(world, tmp_pat
     assert lines[1]["rollout/sync_bytes"] > 0  # step 2 pushed the updated weights
     for m in lines:
         assert m["rollout/logprob_diff"] < 1e-3
+
+
+def test_eval_with_the_vllm_engine_equals_transformers_when_greedy(tiny_world, tmp_path):
+    """`ampo-train eval --engine vllm` samples through the trainer's vLLM engine: at temperature 0
+    (every answer greedy) it writes what the transformers engine writes."""
+    from typer.testing import CliRunner
+
+    from cli.train import app
+
+    reports = {}
+    for engine in ("transformers", "vllm"):
+        out = tmp_path / f"{engine}.json"
+        result = CliRunner().invoke(app, ["eval", "-m", str(tiny_world.student), "-d", str(tiny_world.test_prompts(2)),
+                                          "-n", "2", "--k", "1,2", "--temperature", "0", "--max-tokens", "64",
+                                          "--engine", engine, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        reports[engine] = json.loads(out.read_text())[0]
+    assert reports["vllm"]["engine"] == "vllm" and reports["transformers"]["engine"] == "transformers"
+    assert reports["vllm"]["benchmarks"] == reports["transformers"]["benchmarks"]

@@ -136,3 +136,15 @@ def base_config(world: dict[str, Path], output_dir: Path, **overrides) -> dict:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def make_policy(model, rollout=None, tokenizer=None, chunk_size=None):
+    """A ``Policy`` over ``model`` with the transformers engine, as the trainer builds it on one process."""
+    from ampo_train.config import RolloutSettings
+    from ampo_train.policy import ForwardSettings, Policy
+    from ampo_train.rollout import open_engine
+
+    rollout = rollout or RolloutSettings()
+    tokenizer = tokenizer or make_tokenizer()
+    forward = ForwardSettings(rollout.temperature) if chunk_size is None else ForwardSettings(rollout.temperature, chunk_size)
+    return Policy(model, open_engine("transformers", rollout, model, tokenizer), tokenizer.pad_token_id, forward)

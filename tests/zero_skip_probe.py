@@ -1,5 +1,5 @@
 """Started by tests/test_scale_out.py with `accelerate launch --config_file zero{2,3}.yaml`: the
-trainer's own update (``trainer.apply_update``) through DeepSpeed's engine, first with an infinite
+trainer's own update (``update.Optimization.apply``) through DeepSpeed's engine, first with an infinite
 gradient, then a finite one, each accumulated over two micro-batches as the loop does. Rank 0
 writes what it saw to OUT (JSON).
 
@@ -14,11 +14,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, get_scheduler
 
-from ampo_train.config import RolloutSettings
-from ampo_train.distributed import accumulating, make_accelerator, shutdown
+from ampo_train.distributed import accumulating, make_accelerator, parameter_digest, shutdown
 from ampo_train.metrics import StepStats
 from ampo_train.policy import Policy
-from ampo_train.trainer import apply_update, parameter_digest
+from ampo_train.update import Optimization
 from tests.trainer_fixtures import make_tokenizer
 
 
@@ -28,7 +27,8 @@ def main(student: str, out: str) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
     model, optimizer = accelerator.prepare(model, optimizer)
-    policy = Policy(model, make_tokenizer(), RolloutSettings(), module=accelerator.unwrap_model(model))
+    policy = Policy(model, None, make_tokenizer().pad_token_id, module=accelerator.unwrap_model(model))
+    optimization = Optimization(accelerator, model, optimizer, scheduler, max_grad_norm=1.0)
     stats, seen = StepStats(), {"start": parameter_digest(policy.module)}
 
     def update(poison: bool) -> float:
@@ -37,7 +37,7 @@ def main(student: str, out: str) -> None:
                 ids = torch.tensor([[5, 6, 7, 8]]) + accelerator.process_index
                 loss = model(input_ids=ids).logits.float().pow(2).mean()
                 accelerator.backward(loss * float("inf") if poison else loss)
-        return apply_update(accelerator, model, optimizer, scheduler, policy, 1.0, stats)
+        return optimization.apply(policy, stats)
 
     seen["poisoned_norm"] = update(poison=True)
     seen.update(after_skip=parameter_digest(policy.module), skipped=stats.summary()["skipped_updates"],

@@ -33,7 +33,7 @@ import torch
 import yaml
 from transformers.utils import logging as hf_logging
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from tinyworld.evaluate import score_model
 from tinyworld.models import ModelSize, chat_example, new_model, train
 from tinyworld.problems import HARD_LEVEL, TERMS_PER_LEVEL, Problem, ProblemSampler, held_out_problems

@@ -48,7 +48,7 @@ def main() -> None:
     print("model | " + " | ".join(f"L{lv} off chain / lucky" for lv in levels))
     for model in args.models:
         with contextlib.ExitStack() as stack:
-            sampler = Sampler(ModelSpec.parse(model), settings, stack)
+            sampler = Sampler.load(ModelSpec.parse(model), settings, stack)
             cells = []
             for level in levels:
                 items = load_benchmark(args.world / "prompts" / f"test_level{level}.parquet")
@@ -57,7 +57,6 @@ def main() -> None:
                 answers = [i.answers[0] for i, samples in zip(items, outputs) for _ in samples]
                 off, lucky, total = box_vs_chain(texts, answers)
                 cells.append(f"{off / total:.2f} / {lucky / total:.2f}" if total else "-")
-            sampler.close()
         print(f"{model} | " + " | ".join(cells))
 
 

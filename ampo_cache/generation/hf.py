@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ampo_cache.generation import Conversation, Generation
+from ampo_common.sequences import cut_at_eos, eos_token_ids
 from ampo_cache.teachers import Teacher
 
 
@@ -18,31 +19,6 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id prompts as one ``generate`` batch: ``input_ids`` and ``attention_mask`` ``[N, longest]``,
-    left-padded so that every prompt ends where generation starts."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
-        attention[i, width - len(ids):] = 1
-    return input_ids, attention
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a response: the model's generation-config EOS ids and the tokenizer's.
-
-    Chat models often end a turn with a token (``<|im_end|>``, ``<|eot_id|>``) that only their
-    generation config names, so both sources count.
-    """
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    found = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
-    if tokenizer.eos_token_id is not None:
-        found.add(tokenizer.eos_token_id)
-    return sorted(found)
 
 
 class TransformersBackend:
@@ -92,10 +68,9 @@ class TransformersBackend:
         return [results[i * n:(i + 1) * n] for i in range(len(conversations))]
 
     def _one(self, tokens: list[int]) -> Generation:
-        stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-        kept = tokens if stop is None else tokens[: stop + 1]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(text=text, num_tokens=len(kept), finish_reason="length" if stop is None else "stop")
+        kept, finish_reason = cut_at_eos(tokens, self.eos_ids)
+        return Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True), num_tokens=len(kept),
+                          finish_reason=finish_reason)
 
     def close(self) -> None:
         del self.model

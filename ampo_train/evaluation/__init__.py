@@ -2,8 +2,9 @@
 
     metrics.py     pure functions: pass@k estimator, diversity, per-benchmark summaries
     benchmarks.py  reading benchmark files in the common layouts
-    runner.py      sampling a model (+ adapter) on them and verifying the answers: evaluate (the CLI)
-                   and evaluate_loaded (a model in memory, e.g. the trainer's), one shared loop
+    runner.py      sampling a model (+ adapter) on them through the trainer's rollout engines and
+                   verifying the answers: evaluate (the CLI); the trainer's evaluation runs the same
+                   loop on its own weights (ampo_train.training_eval)
     sample_log.py  --log-samples: every sampled answer as a Parquet row
     plots.py       pass@k curves and learning curves as PNGs (matplotlib)
 """

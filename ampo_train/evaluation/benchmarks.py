@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 from ampo_cache.layouts import chat_user_content
 from ampo_cache.readers import read_records, text_field
 from ampo_cache.verify import extract_answer

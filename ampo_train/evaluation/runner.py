@@ -1,15 +1,13 @@
 """Sample a model on benchmark files and verify every answer: the data behind ``metrics.summarise``.
 
-Two entry points share one sampling-and-verifying loop (``sample_benchmarks``):
+One sampling-and-verifying loop (``sample_benchmarks``) over a ``Sampler``, which generates through
+the trainer's rollout engines (``ampo_train.rollout``: transformers ``generate`` or vLLM):
 
 - ``evaluate(specs, ...)``: the CLI's. A model is a local folder or hub id; a LoRA adapter
   (``--adapter``, or a folder holding an ``adapter_config.json``, such as a LoRA run's ``final/``)
   is loaded onto its base model and merged before sampling.
-- ``evaluate_loaded(model, tokenizer, ...)``: the trainer's, every N steps, on the weights being
-  trained. Nothing is loaded, merged or copied; a model in train mode (e.g. a peft ``PeftModel``)
-  samples in eval mode and is put back in its own mode afterwards; torch's random state is left
-  as it was, so evaluating does not change the training run. ``generate=`` plugs in another
-  engine (vLLM) in place of transformers ``generate``.
+- ``training_eval.evaluate_during_training``: the trainer's, every N steps, on the weights being
+  trained (``Sampler(engine, tokenizer, settings)`` over the run's own weights or engine).
 
 Prompts are rendered with the tokenizer's chat template, as in training. A problem may have several
 accepted answers (``BenchItem.answers``): a sample is correct when it verifies against ANY of them
@@ -23,19 +21,21 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ampo_cache.errors import InputError
-from ampo_cache.generation import conversation, resolve_backend
-from ampo_cache.generation.hf import left_padded
+from ampo_common.errors import InputError
+from ampo_common.sequences import eos_token_ids
+from ampo_cache.generation import conversation
 from ampo_cache.model_folder import check_model_folder, model_location
-from ampo_cache.teachers import Sampling, Teacher
 from ampo_cache.verify import Verdict, Verifier
+from ampo_train.config import RolloutSettings
 from ampo_train.evaluation.benchmarks import BenchItem
 from ampo_train.evaluation.metrics import ProblemResult, summarise
+from ampo_train.loading import load_tokenizer
+from ampo_train.rollout import EngineTarget, Rollout, check_engine, open_engine
 
 
 @dataclass
@@ -44,18 +44,25 @@ class EvalSettings:
 
     samples: int = 16  # n: sampled answers per problem (avg@n, and pass@k for k <= n)
     ks: list[int] = field(default_factory=lambda: [1, 4, 16])
-    temperature: float = 0.6  # the paper's evaluation temperature
+    temperature: float = 0.6  # the paper's evaluation temperature (0: greedy)
     top_p: float = 1.0
     max_tokens: int = 1024
     greedy: bool = False  # also decode greedily once per problem
     seed: int = 0
     system_prompt: str | None = None
-    backend: str = "transformers"  # transformers | vllm | auto
+    engine: str = "transformers"  # transformers | vllm | auto (ampo_train.rollout)
     batch_sequences: int = 512  # sequences per generate call (prompts x samples)
     verify_timeout: float = 5.0
     # math-verify pool size (None = one per CPU), started only when an answer is not a plain number,
     # so a pathological LaTeX answer times out instead of hanging the evaluation; 0 = in-process.
     verify_workers: int | None = None
+
+    def rollout_settings(self, base: RolloutSettings | None = None) -> RolloutSettings:
+        """The engine's sampling settings (``base``: the trainer's, whose engine options are kept).
+        No batch cut of the engine's own: ``batch_sequences`` chunks the problems already."""
+        update = {"temperature": self.temperature or 1.0, "top_p": self.top_p if self.temperature else 1.0,
+                  "top_k": 0, "max_new_tokens": self.max_tokens, "batch_size": None}
+        return (base or RolloutSettings()).model_copy(update=update)
 
 
 def check_settings(settings: EvalSettings) -> None:
@@ -119,24 +126,8 @@ def load_model(spec: ModelSpec, device: str):
     return model.to(device).eval()
 
 
-def load_tokenizer(location: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except OSError as exc:
-        raise InputError(location, f"cannot load the tokenizer: {str(exc).strip().splitlines()[0]}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _has_tokenizer(folder: str) -> bool:
     return (Path(folder) / "tokenizer_config.json").is_file()
-
-
-def _copy_tokenizer(source: str, target: str) -> None:
-    load_tokenizer(source).save_pretrained(target)
 
 
 # ---------------------------------------------------------------- generation
@@ -151,124 +142,50 @@ class Answer:
     finish_reason: str | None = None  # "stop" | "length" | None
 
 
-# generate(prompt_token_ids, n, temperature, *, top_p, max_tokens, seed) -> n responses per prompt, each a
-# str or an object with .text (and optionally .num_tokens, .finish_reason). temperature 0 = greedy.
-GenerateFn = Callable[..., Sequence[Sequence[object]]]
+class Generates(Protocol):
+    """What a Sampler samples with: a rollout engine, or the trainer's ``Policy`` (which pushes its
+    current weights to its engine first)."""
 
-
-def _as_answer(output) -> Answer:
-    if isinstance(output, str):
-        return Answer(output)
-    return Answer(output.text, getattr(output, "num_tokens", None), getattr(output, "finish_reason", None))
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Eval mode (no dropout) for sampling; every submodule's own mode restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-class TransformersGenerate:
-    """transformers ``generate`` on an already loaded model: the default ``GenerateFn``.
-
-    Sampling uses a forked torch RNG seeded per call, so results depend only on the seed, and the
-    caller's random state (the trainer's) is untouched.
-    """
-
-    def __init__(self, model: torch.nn.Module, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        from ampo_cache.generation.hf import eos_token_ids
-
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = set(eos_token_ids(model, tokenizer))
-
-    @torch.no_grad()
-    def __call__(self, prompt_token_ids: Sequence[Sequence[int]], n: int, temperature: float, *, top_p: float = 1.0,
-                 max_tokens: int, seed: int) -> list[list[Answer]]:
-        device = next(self.model.parameters()).device
-        input_ids, attention = left_padded(prompt_token_ids, self.pad_id)
-        width = input_ids.shape[1]
-        greedy = temperature == 0
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), eval_mode(self.model):
-            torch.manual_seed(seed)
-            output = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-                # top_k 0: no cut (None would take the generation config's default of 50, which
-                # vLLM and the training rollouts do not apply)
-                top_k=0, max_new_tokens=max_tokens, num_return_sequences=n,
-                pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
-            )
-        answers = [self._one(tokens) for tokens in output[:, width:].tolist()]
-        return [answers[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
-
-    def _one(self, tokens: list[int]) -> Answer:
-        stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-        kept = tokens if stop is None else tokens[: stop + 1]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Answer(text, len(kept), "length" if stop is None else "stop")
-
-
-def _teacher(location: str, settings: EvalSettings, temperature: float, backend: str) -> Teacher:
-    return Teacher(name="eval", model=location, backend=backend, system_prompt=settings.system_prompt,
-                   sampling=Sampling(temperature=temperature, top_p=settings.top_p if temperature else 1.0,
-                                     max_tokens=settings.max_tokens))
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None, greedy: bool = False,
+                 settings: RolloutSettings | None = None) -> list[list[Rollout]]: ...
 
 
 class Sampler:
     """One model ready to answer problems: n sampled answers per problem, or one greedy.
 
-    ``Sampler(spec, settings, stack)`` loads a model (the CLI); ``Sampler.from_loaded(model,
-    tokenizer, settings, generate)`` wraps one that is already in memory (the trainer). Either way
-    prompts are chat-rendered to token ids and handed to a ``GenerateFn``, except for the CLI's vLLM
-    engine, which renders the same way inside ``VLLMBackend``.
+    ``Sampler(engine, tokenizer, settings)`` samples through an engine that is already open (the
+    trainer's); ``Sampler.load(spec, settings, stack)`` loads a model and opens its engine (the
+    CLI). Prompts are rendered with the tokenizer's chat template, as in training, and handed to
+    the engine as token ids; answers are decoded with the same tokenizer.
     """
 
-    engine: str
-    tokenizer: object = None
-    _generate: GenerateFn | None = None
-    _backend = None  # VLLMBackend, for --backend vllm
-    _greedy_sampling: Sampling | None = None
+    def __init__(self, engine: Generates, tokenizer, settings: EvalSettings, rollout: RolloutSettings | None = None,
+                 name: str = "transformers"):
+        """``rollout``: the engine's sampling settings to start from (the trainer's), else the defaults."""
+        self.engine, self.tokenizer, self.settings, self.name = engine, tokenizer, settings, name
+        self.rollout = settings.rollout_settings(rollout)
 
-    def __init__(self, spec: ModelSpec, settings: EvalSettings, stack: contextlib.ExitStack):
-        self.settings = settings
-        self.engine = resolve_backend(_teacher(spec.model, settings, settings.temperature, settings.backend))
-        tokenizer_home = spec.adapter if spec.adapter and _has_tokenizer(spec.adapter) else spec.model
-        if self.engine == "vllm":
-            from ampo_cache.generation.vllm_backend import VLLMBackend
-
+    @classmethod
+    def load(cls, spec: ModelSpec, settings: EvalSettings, stack: contextlib.ExitStack) -> "Sampler":
+        """Load ``spec`` for ``settings.engine``; ``stack`` closes what was opened."""
+        rollout = settings.rollout_settings()
+        name = check_engine(rollout.model_copy(update={"engine": settings.engine}), key="--engine")
+        tokenizer = load_tokenizer(spec.adapter if spec.adapter and _has_tokenizer(spec.adapter) else spec.model)
+        if name == "vllm":
             location = spec.model
             if spec.adapter is not None:  # vLLM gets the merged weights
                 location = stack.enter_context(tempfile.TemporaryDirectory(prefix="ampo-eval-"))
                 load_model(spec, "cpu").save_pretrained(location)
-                _copy_tokenizer(tokenizer_home, location)
-            self._backend = VLLMBackend(_teacher(location, settings, settings.temperature, "vllm"))
-            self._greedy_sampling = _teacher(location, settings, 0.0, "vllm").sampling  # same engine, greedy params
+                tokenizer.save_pretrained(location)
+            target = EngineTarget(model=location, tokenizer=location if spec.adapter else spec.model,
+                                  eos_ids=tuple(_eos_ids(location, tokenizer)), max_model_len=None,
+                                  seed=settings.seed, dtype="auto")
+            engine = open_engine("vllm", rollout, None, tokenizer, target)
         else:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            tokenizer = load_tokenizer(tokenizer_home)
-            self._use(tokenizer, TransformersGenerate(load_model(spec, device), tokenizer))
-
-    @classmethod
-    def from_loaded(cls, model: torch.nn.Module, tokenizer, settings: EvalSettings,
-                    generate: GenerateFn | None = None) -> "Sampler":
-        """A sampler over a model already in memory (``generate`` given: that engine, model unused)."""
-        sampler = cls.__new__(cls)
-        sampler.settings = settings
-        sampler.engine = "transformers" if generate is None else "custom"
-        sampler._use(tokenizer, generate or TransformersGenerate(model, tokenizer))
-        return sampler
-
-    def _use(self, tokenizer, generate: GenerateFn) -> None:
-        self.tokenizer, self._generate = tokenizer, generate
+            model = load_model(spec, "cuda" if torch.cuda.is_available() else "cpu")
+            engine = open_engine("transformers", rollout, model, tokenizer, private_rng=True)
+        stack.callback(engine.close)
+        return cls(engine, tokenizer, settings, name=name)
 
     def prompt_ids(self, problems: Sequence[str]) -> list[list[int]]:
         """Chat-rendered prompts as token ids (the template holds any BOS: no special tokens added)."""
@@ -277,23 +194,25 @@ class Sampler:
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def generate(self, problems: Sequence[str], n: int, greedy: bool, seed: int) -> list[list[Answer]]:
-        temperature = 0.0 if greedy else self.settings.temperature
-        if self._backend is not None:
-            chats = [conversation(p, self.settings.system_prompt) for p in problems]
-            outputs = self._backend.generate(chats, 1 if greedy else n, seed=seed,
-                                             sampling=self._greedy_sampling if greedy else None)
-        else:
-            outputs = self._generate(self.prompt_ids(problems), 1 if greedy else n, temperature,
-                                     top_p=self.settings.top_p if temperature else 1.0,
-                                     max_tokens=self.settings.max_tokens, seed=seed)
-        return [[_as_answer(o) for o in per_problem] for per_problem in outputs]
+        """n answers per problem (temperature 0: the greedy answer n times), or one greedy."""
+        greedy_only = greedy or not self.settings.temperature
+        groups = self.engine.generate(self.prompt_ids(problems), 1 if greedy_only else n, seed=seed,
+                                      greedy=greedy_only, settings=self.rollout)
+        if greedy_only and not greedy:
+            groups = [group * n for group in groups]
+        return [[Answer(self.tokenizer.decode(r.token_ids, skip_special_tokens=True), len(r.token_ids),
+                        r.finish_reason) for r in group] for group in groups]
 
-    def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-        self._generate = None  # drops the model this sampler loaded (a caller's model lives on)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+def _eos_ids(location: str, tokenizer) -> list[int]:
+    """The EOS ids of a model folder without loading its weights (its generation config, else its config)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(location)
+    except OSError:
+        config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(location))
+    return eos_token_ids(config, tokenizer)
 
 
 # ---------------------------------------------------------------- verifying
@@ -385,45 +304,18 @@ def evaluate(specs: Sequence[ModelSpec], benchmarks: dict[str, list[BenchItem]],
         for spec in specs:
             task = progress.add_task(f"eval {spec.label}", total=total)
             with contextlib.ExitStack() as stack:
-                sampler = Sampler(spec, settings, stack)
-                try:
-                    per_file = sample_benchmarks(sampler, benchmarks, settings, verifier,
-                                                 lambda n, t=task: progress.advance(t, n))
-                finally:
-                    sampler.close()
-            reports.append({"model": spec.label, "path": spec.model, "adapter": spec.adapter, "engine": sampler.engine,
+                sampler = Sampler.load(spec, settings, stack)
+                per_file = sample_benchmarks(sampler, benchmarks, settings, verifier,
+                                             lambda n, t=task: progress.advance(t, n))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the model this sampler loaded is gone
+            reports.append({"model": spec.label, "path": spec.model, "adapter": spec.adapter, "engine": sampler.name,
                             "settings": asdict(settings), **summaries(per_file, settings)})
             if log_samples is not None:
                 rows.extend(sample_rows(spec.label, per_file, settings))
     if log_samples is not None:
         write_sample_log(rows, log_samples)
     return reports
-
-
-def evaluate_loaded(model: torch.nn.Module, tokenizer, benchmarks: dict[str, list[BenchItem]], settings: EvalSettings,
-                    verifier: Verifier, generate: GenerateFn | None = None, label: str = "model",
-                    log_samples: str | Path | None = None) -> dict:
-    """Evaluate a model already in memory (the trainer's, every N steps): same loop, same numbers as
-    ``evaluate`` on the saved model with the same settings and seed.
-
-    ``model`` is sampled as it is (a ``PeftModel`` in train mode is fine: eval mode while sampling,
-    its modes restored after; torch's RNG state is restored too). ``generate(prompt_token_ids, n,
-    temperature, *, top_p, max_tokens, seed)`` replaces transformers ``generate`` (e.g. a vLLM
-    engine holding the current weights); it returns n texts per prompt. ``settings.backend`` is not
-    used here. Returns ``{"benchmarks": {name: summary}, "overall": summary}``; ``metric_values``
-    flattens it for a metrics logger. ``log_samples``: a Parquet file of every answer (as the CLI's).
-    """
-    from ampo_train.evaluation.sample_log import sample_rows, write_sample_log
-
-    check_settings(settings)
-    sampler = Sampler.from_loaded(model, tokenizer, settings, generate)
-    try:
-        per_file = sample_benchmarks(sampler, benchmarks, settings, verifier)
-    finally:
-        sampler.close()
-    if log_samples is not None:
-        write_sample_log(sample_rows(label, per_file, settings), log_samples)
-    return summaries(per_file, settings)
 
 
 def metric_values(report: dict, prefix: str = "eval") -> dict[str, float]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 
 if TYPE_CHECKING:
     from ampo_train.evaluation.runner import EvalSettings, ProblemRecord

@@ -1,7 +1,9 @@
 """Load a YAML file into a pydantic model, with errors that point at the key and its line.
 
-Shared by teachers.yaml (the cache build) and, later, train.yaml: a typo in either should read
-`teachers.yaml:14: teachers[1].sampling.temprature: unknown key`, not a pydantic dump.
+Shared by teachers.yaml (the cache build) and train.yaml (the trainer): a typo in either reads
+`teachers.yaml:14: teachers[1].sampling.temprature: unknown key`, not a pydantic dump. Relative
+paths inside a YAML file are resolved against the file's folder (``resolve_path``), so a config
+travels with its data.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo
 
-from ampo_cache.errors import InputError
+from ampo_common.errors import InputError
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+def resolve_path(value: str | Path, info: ValidationInfo) -> Path:
+    """A path from a YAML file, relative to that file's folder (the ``base_dir`` that
+    ``load_yaml_model`` passes to validators); absolute paths and a missing context stay as they are."""
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    return path if path.is_absolute() or base is None else (base / path)
 
 
 def _place(loc: tuple) -> str:
