@@ -48,20 +48,26 @@ DEFAULT_CHUNK_SIZE = 256
 CPU_MIN_CHUNK_ELEMENTS = 1 << 24
 
 
-# Elementwise work on a chunk's logits runs over blocks of rows of about _BLOCK_ELEMENTS (64 MiB
-# in float32), so its float32 temporaries stay small beside the chunk's logits. Blocks are of
-# equal size and, wherever the chunk allows, at least _MIN_BLOCK_ELEMENTS: just above glibc's
+# On CPU, elementwise work on a chunk's logits runs over blocks of rows of about _BLOCK_ELEMENTS
+# (64 MiB in float32), so its float32 temporaries stay small beside the chunk's logits. Blocks are
+# of equal size and, wherever the chunk allows, at least _MIN_BLOCK_ELEMENTS: just above glibc's
 # largest mmap threshold (32 MiB), so that they are mmap'ed and go back to the OS when freed
-# (see CPU_MIN_CHUNK_ELEMENTS for what smaller ones did to RSS on CPU).
+# (see CPU_MIN_CHUNK_ELEMENTS for what smaller ones did to RSS on CPU). On a GPU the whole chunk
+# is one block: its temporaries are a few of the chunk's size (chunk_size bounds them), and every
+# block is another round of kernel launches; on an H200 whole chunks made a Qwen2-0.5B update
+# 6-19% faster (bench/gpu_check.py --parts chunk_sweep; bench/results/gpu-h200.json).
 _BLOCK_ELEMENTS = 1 << 24
 _MIN_BLOCK_ELEMENTS = (1 << 23) + (1 << 18)
 
 
-def _row_blocks(rows: int, vocab: int) -> list[slice]:
+def _row_blocks(rows: int, vocab: int, device: torch.device | None = None) -> list[slice]:
     """Equal slices of ``range(rows)``: about ``_BLOCK_ELEMENTS / vocab`` rows each, and
-    none under ``_MIN_BLOCK_ELEMENTS / vocab`` rows unless the whole range is."""
+    none under ``_MIN_BLOCK_ELEMENTS / vocab`` rows unless the whole range is; one slice on a
+    device other than the CPU."""
     if rows == 0:
         return []
+    if device is not None and device.type != "cpu":
+        return [slice(0, rows)]
     elements = rows * max(vocab, 1)
     count = max(1, min(-(-elements // _BLOCK_ELEMENTS), elements // _MIN_BLOCK_ELEMENTS))
     step = -(-rows // count)
@@ -80,30 +86,34 @@ def _scaled_float(logits: Tensor, temperature: float, out: Tensor | None = None)
     return z
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for ``[M, V]`` inputs without a ``[M, V]`` product temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
-
-
 def _logit_stats(logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool) -> dict[str, Tensor]:
     """Per-row ``lse = logsumexp(z)``, ``logp = z[target] - lse`` and, with entropy,
-    ``mean_z = sum softmax(z) * z`` and ``entropy = lse - mean_z``, for z = logits / T (float32).
+    ``entropy = sum softmax(z) * (lse - z)`` and ``mean_z = lse - entropy`` (the backward's E),
+    for z = logits / T (float32).
+
+    The entropy is summed from non-negative terms. The textbook ``lse - sum p * z`` subtracts two
+    numbers of the logits' size (tens, at a real vocabulary) whose difference may be 0.01, and the
+    float32 rounding of lse shifts every p by the same factor: at V = 151,936 with peaked logits
+    that lost ~1e-3, against ~1e-5 this way (and the products are summed in place, no temporary).
 
     ``[M, V]`` -> ``[M]`` each; the float32 work runs block by block over rows.
     """
-    lse, logp, mean_z = [], [], []
-    for rows in _row_blocks(logits.shape[0], logits.shape[-1]):
+    lse, logp, entropy = [], [], []
+    for rows in _row_blocks(logits.shape[0], logits.shape[-1], logits.device):
         z = _scaled_float(logits[rows], temperature)
         block_lse = torch.logsumexp(z, dim=-1)
         lse.append(block_lse)
         logp.append(z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - block_lse)
         if with_entropy:
             p = torch.sub(z, block_lse.unsqueeze(-1)).exp_()
-            mean_z.append(_rowdot(p, z))
+            surprise = z.neg_().add_(block_lse.unsqueeze(-1))  # lse - z >= 0, in z's own buffer (a fresh copy)
+            # torch's sum reduces in a tree (cascade on CPU): 1e-5 over 152k terms where a bmm
+            # dot product, accumulating in order, lost 1.4e-4 on near-uniform rows.
+            entropy.append(p.mul_(surprise).sum(-1))
     stats = {"lse": torch.cat(lse), "logp": torch.cat(logp)}
     if with_entropy:
-        stats["mean_z"] = torch.cat(mean_z)
-        stats["entropy"] = stats["lse"] - stats["mean_z"]
+        stats["entropy"] = torch.cat(entropy)
+        stats["mean_z"] = stats["lse"] - stats["entropy"]
     return stats
 
 
@@ -147,7 +157,7 @@ class _LogProbEntropy(torch.autograd.Function):
             return None, None, None, None, None
         grad = torch.empty_like(logits)
         in_place = grad.dtype == torch.float32  # then each block is built in its slice of grad
-        for rows in _row_blocks(logits.shape[0], logits.shape[-1]):
+        for rows in _row_blocks(logits.shape[0], logits.shape[-1], logits.device):
             # p * (g_H * (E - z) - g_lp) + g_lp * onehot(target), then / T, built in z's buffer
             z = _scaled_float(logits[rows], t, out=grad[rows] if in_place else None)
             p = torch.sub(z, lse[rows].unsqueeze(-1)).exp_()

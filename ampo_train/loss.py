@@ -229,10 +229,13 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) 
 def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of softmax(logits / temperature) per position: ``[..., V]`` -> ``[...]`` (float32).
 
-    H = logsumexp(z) - sum softmax(z) * z, which avoids log(0) on zero-probability entries.
+    H = sum softmax(z) * (logsumexp(z) - z): no log(0) on zero-probability entries, and a sum of
+    non-negative terms (``lse - sum p * z`` would subtract two numbers of the logits' size; see
+    ``lm_head._logit_stats``).
     """
     z = logits.float() / temperature
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    return (torch.softmax(z, dim=-1) * (lse - z)).sum(dim=-1)
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:

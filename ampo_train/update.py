@@ -118,7 +118,7 @@ def update_policy(policy: TrainablePolicy, rows: Sequence[Row], cfg: TrainConfig
         for first in range(0, len(rows) // group, local_prompts):
             mini = rows[first * group:(first + local_prompts) * group]
             num_tokens = None
-            if cfg.loss.aggregation == "token_mean" and world > 1:
+            if world > 1:  # token means are global: every process divides by the mean share of tokens
                 local = torch.tensor([sum(len(r.response_ids) for r in mini)], device=accelerator.device)
                 num_tokens = float(accelerator.reduce(local, "sum").item()) / world
             minibatch_backward(policy, mini, cfg, stats, optimization, num_tokens)
@@ -211,7 +211,10 @@ def minibatch_backward(policy: TrainablePolicy, mini: Sequence[Row], cfg: TrainC
     """Accumulate one mini-batch's gradient over micro-batches (``micro_batches``).
 
     Gradients are all-reduced across processes once, on the last micro-batch (``backward.no_sync``
-    on the others). ``num_tokens``: the token_mean normaliser; None = this process's mini-batch tokens.
+    on the others). ``num_tokens``: the normaliser of every token mean (token_mean aggregation, the
+    entropy bonus, KL): all processes' mini-batch tokens / processes, so that DDP's gradient average
+    is the token mean over the whole mini-batch, as one process holding every row would compute it;
+    None = this process's mini-batch tokens (one process).
     Under several processes the ranks first agree on one micro-batch count (``agreed_count``), and
     a rank with fewer splits its largest micro-batches (``batching.split_to_count``): every rank
     holds the same number of rows, so that count is always reachable.
@@ -236,17 +239,17 @@ def minibatch_backward(policy: TrainablePolicy, mini: Sequence[Row], cfg: TrainC
         with contextlib.nullcontext() if i == len(groups) - 1 else backward.no_sync():
             mb = collate([mini[j] for j in group], policy.pad_id).to(policy.device)
             with offloaded(cfg.activation_offload):
-                loss = micro_loss(policy, mb, cfg, len(mini), normaliser, local_tokens, stats)
+                loss = micro_loss(policy, mb, cfg, len(mini), normaliser, stats)
             backward.backward(loss)
 
 
 def micro_loss(policy: TrainablePolicy, mb: RowBatch, cfg: TrainConfig, num_sequences: int, num_tokens: float,
-               local_tokens: int, stats: StepStats) -> Tensor:
+               stats: StepStats) -> Tensor:
     """The loss of one micro-batch, normalised so that a mini-batch's micro-batches add up to its loss.
 
-    ``num_sequences``: sequences in this process's mini-batch; ``num_tokens``: the token_mean
-    normaliser (all processes' tokens / processes, so DDP's gradient average is the global token
-    mean); ``local_tokens``: this process's mini-batch tokens (entropy and KL token means).
+    ``num_sequences``: sequences in this process's mini-batch; ``num_tokens``: the normaliser of the
+    token means (token_mean aggregation, entropy, KL): all processes' tokens / processes, so DDP's
+    gradient average is the global token mean (``minibatch_backward``).
     """
     lc = cfg.loss
     # One chunked pass gives both; without an entropy bonus the entropy is only a metric (detached:
@@ -269,13 +272,13 @@ def micro_loss(policy: TrainablePolicy, mb: RowBatch, cfg: TrainConfig, num_sequ
     policy_loss = aggregate(token_loss, mask, lc.aggregation, max_response_length=cfg.loss_length,
                             num_sequences=num_sequences, num_tokens=num_tokens)
     loss = policy_loss
-    entropy = torch.where(mask, per_token_entropy, 0.0).sum() / max(local_tokens, 1)
+    entropy = torch.where(mask, per_token_entropy, 0.0).sum() / max(num_tokens, 1)
     if lc.entropy_coef:
         loss = loss - lc.entropy_coef * entropy
     if lc.kl_coef:
-        kl = torch.where(mask, kl_k3(logp, mb.ref_logp), 0.0).sum() / max(local_tokens, 1)
+        kl = torch.where(mask, kl_k3(logp, mb.ref_logp), 0.0).sum() / max(num_tokens, 1)
         loss = loss + lc.kl_coef * kl
-        stats.mean("kl", float(kl.detach()) * local_tokens, int(mask.sum()))
+        stats.mean("kl", float(kl.detach()) * num_tokens, int(mask.sum()))
 
     with torch.no_grad():
         adv = mb.advantages.unsqueeze(-1).expand_as(mask)
@@ -284,7 +287,7 @@ def micro_loss(policy: TrainablePolicy, mb: RowBatch, cfg: TrainConfig, num_sequ
         stats.mean("clip/high", int((token.clipped & rollout_tokens & (adv > 0)).sum()), n_on)
         stats.mean("clip/low", int((token.clipped & rollout_tokens & (adv < 0)).sum()), n_on)
         stats.mean("clip/dual", int((token.dual_clipped & rollout_tokens).sum()), n_on)
-        stats.mean("entropy", float(entropy) * local_tokens, int(mask.sum()))
+        stats.mean("entropy", float(entropy) * num_tokens, int(mask.sum()))  # the token sum: merged, a global mean
         stats.mean("loss/policy", float(policy_loss.detach()), 0.0)  # counted once per update, in the loop
         teacher_tokens = mask & mb.is_teacher.unsqueeze(-1)
         if bool(teacher_tokens.any()):

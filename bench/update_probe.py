@@ -1,6 +1,7 @@
 """One update (forward + backward of the GRPO loss, no generation) of a random 2-layer Llama at a
-real vocabulary, through our trainer's code or through TRL 1.16's ``GRPOTrainer``: the piece that
-``bench/vs_trl.py --update-only`` and ``bench/memory.py`` share.
+real vocabulary (or a Qwen2-0.5B-shaped model on a GPU), through our trainer's code or through TRL
+1.16's ``GRPOTrainer``: the piece that ``bench/vs_trl.py --update-only``, ``bench/memory.py`` and
+``bench/gpu_check.py`` share.
 
     probe = UpdateProbe(vocab=151936, rows=8, response_tokens=1024, lora=True)
     update = make_update("ours", probe, work_dir)      # or "trl"
@@ -13,7 +14,8 @@ ids each), advantages and micro-batching (``micro_batch`` rows per forward): our
 its ``_compute_loss`` + backward per micro-batch, as its ``training_step`` runs them. Matched:
 TRL ``loss_type`` <-> our ``loss.aggregation`` (``bench/vs_trl.py``'s ``LOSS_PAIRS``, checked by
 ``bench/trl_parity.py``), ``beta=0``, clip 0.2/0.2 (no dual clip), entropy coefficient 0,
-temperature 1, float32; LoRA (peft, the same r/alpha/targets; dropout 0) or full parameters.
+temperature 1, float32 (``autocast``: bf16 autocast around both); LoRA (peft, the same
+r/alpha/targets; dropout 0) or full parameters; optional gradient checkpointing on both.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import gc
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +55,12 @@ class UpdateProbe:
     seed: int = 0
     hidden: int = 128
     layers: int = 2
+    shape: str = "llama"  # llama: random_llama's 2-layer model; qwen2: Qwen2-0.5B's shape (QWEN2_05B)
+    qwen2: dict = field(default_factory=dict)  # overrides of QWEN2_05B (a toy size for smoke runs)
+    device: str = "cpu"
+    autocast: bool = False  # bf16 autocast around each update (fp32 weights), on both sides
+    gradient_checkpointing: bool = False
+    logit_chunk_size: int = 256  # ours: train.yaml's logit_chunk_size
 
     @property
     def micro(self) -> int:
@@ -62,6 +70,34 @@ class UpdateProbe:
     def logits_mib(self) -> float:
         """Full float32 logits of the response tokens: rows x tokens x vocab x 4 bytes."""
         return self.rows * self.response_tokens * self.vocab * 4 / MIB
+
+
+# Qwen2.5-0.5B-Instruct's shape (its config.json): 494M parameters, the head tied to the embeddings.
+QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+                 max_position_embeddings=32768)
+
+
+def random_qwen2(probe: UpdateProbe, **shape):
+    """A random Qwen2 of QWEN2_05B's shape with ``probe.qwen2`` and then ``shape`` overriding it,
+    built directly on ``probe.device`` (pad id 0, EOS id 2, as ``probe_tokenizer``)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(probe.seed)
+    config = Qwen2Config(**{**QWEN2_05B, "vocab_size": probe.vocab, **probe.qwen2, **shape, "pad_token_id": 0,
+                            "eos_token_id": 2})
+    with torch.device(probe.device):
+        model = Qwen2ForCausalLM(config)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def probe_model(probe: UpdateProbe):
+    model = random_qwen2(probe) if probe.shape == "qwen2" else random_llama(probe).to(probe.device)
+    if probe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def random_llama(probe: UpdateProbe):
@@ -125,7 +161,7 @@ def ours_config(probe: UpdateProbe, work: Path):
                  "entropy_coef": 0.0, "kl_coef": 0.0},
         "lora": ({"r": probe.lora_r, "alpha": probe.lora_alpha, "dropout": 0.0,
                   "target_modules": lora_config(probe).target_modules} if probe.lora else None),
-        "tensorboard": False,
+        "tensorboard": False, "logit_chunk_size": probe.logit_chunk_size,
     })
 
 
@@ -136,8 +172,9 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model = random_llama(probe)
+    model = probe_model(probe)
     tokenizer = probe_tokenizer()
+    autocast = torch.autocast(probe.device.split(":")[0], dtype=torch.bfloat16, enabled=probe.autocast)
     if arm == "ours":
         from ampo_train.data import Row
         from ampo_train.metrics import StepStats
@@ -155,7 +192,8 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
         def update(batch):
             rows = [Row(p.tolist(), r.tolist(), 0.0, advantage=float(a))
                     for p, r, a in zip(batch["prompt"], batch["response"], batch["advantages"])]
-            minibatch_backward(policy, rows, cfg, StepStats())
+            with autocast:
+                minibatch_backward(policy, rows, cfg, StepStats())
             model.zero_grad(set_to_none=True)
 
         return update
@@ -172,7 +210,8 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
         gradient_accumulation_steps=accumulation, num_generations=probe.micro if probe.micro > 1 else 2,
         max_completion_length=probe.response_tokens, beta=0.0, epsilon=0.2, loss_type=probe.loss_type,
         scale_rewards="none", entropy_coef=0.0, temperature=1.0, bf16=False, fp16=False,
-        gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=False, use_cpu=probe.device == "cpu", report_to="none", save_strategy="no",
+        disable_tqdm=True,
         max_steps=1, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
                           args=args, train_dataset=Dataset.from_list([{"prompt": "x"}]), processing_class=tokenizer,
@@ -180,6 +219,7 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
     trainer.current_gradient_accumulation_steps = accumulation
 
     def update(batch):
+        batch = {key: value.to(probe.device) for key, value in batch.items()}
         prompt, response = batch["prompt"], batch["response"]
         ones = torch.ones_like
         full = {"prompt_ids": prompt, "prompt_mask": ones(prompt), "completion_ids": response,
@@ -188,7 +228,9 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
         for k in range(accumulation):  # TRL's micro-batches of one optimizer step
             part = {key: (value[k * probe.micro:(k + 1) * probe.micro] if value.dim() else value)
                     for key, value in full.items()}
-            trainer._compute_loss(trainer.model, part).backward()
+            with autocast:
+                loss = trainer._compute_loss(trainer.model, part)
+            loss.backward()
         trainer.model.zero_grad(set_to_none=True)
 
     return update

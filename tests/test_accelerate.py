@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from ampo_train.trainer import DEBUG_DIR_ENV
 from tests.trainer_fixtures import base_config, make_world, write_config
 
@@ -92,3 +95,24 @@ def test_two_processes_with_a_token_budget_agree_on_micro_batches(tmp_path):
     # differed, so one of them split micro-batches to match the other
     assert all(m["update/micro_batches"] > 2 for m in lines)
     assert sum(m.get("update/split") or 0 for m in lines) > 0
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_sum_norm", "token_mean"])
+def test_entropy_and_kl_are_global_token_means_under_ddp(tmp_path, aggregation):
+    """Two processes holding 33 and 7 response tokens make the same gradient as one process holding
+    all 40 rows' worth (tests/ddp_loss_probe.py): the entropy bonus and the KL term are token means
+    over the whole mini-batch, like the policy loss, not means of the two per-process means."""
+    from safetensors.torch import load_file
+
+    world = make_world(tmp_path / "world", num_prompts=2, covered=0.0)
+    probe = [str(REPO / "tests" / "ddp_loss_probe.py"), str(world["student"]), aggregation]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    single = subprocess.run([sys.executable, *probe, str(tmp_path / "one.safetensors")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch_program([*probe, str(tmp_path / "two.safetensors")])
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    scale = max(float(g.abs().max()) for g in one.values())
+    assert scale > 0
+    for name, grad in one.items():
+        torch.testing.assert_close(two[name], grad, atol=1e-6 * scale, rtol=1e-4, msg=name)

@@ -80,6 +80,9 @@ def test_config_overrides_defaults_and_located_errors(world, tmp_path):
     no_store.write_text(path.read_text() + f"store: {tmp_path / 'absent'}\n")
     with pytest.raises(InputError, match=r"with guidance\.mode=off prompts_per_step=3 mini_batch_prompts=2: .*multiple of mini_batch_prompts"):
         load_train_config(no_store, ["guidance.mode=off", "prompts_per_step=3", "mini_batch_prompts=2"])
+    # YAML 1.1 reads bare `off` and `no` as false: both still mean what a user typed
+    assert load_train_config(path, ["guidance.mode=off", "mixed_precision=no"]).mixed_precision == "no"
+    assert load_train_config(path, ["mixed_precision=bf16"]).mixed_precision == "bf16"
 
 
 # ----------------------------------------------------------------------------- rewards
