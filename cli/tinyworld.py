@@ -40,6 +40,9 @@ def build(
     size: str = typer.Option("full", help="full (the demo's world, ~3 min on 2 cores) | small (for tests, < 1 min)."),
 ):
     """Build problems, tokenizer, four teachers and a student; print their accuracy per level."""
+    from tinyworld.determinism import pin_process
+
+    pin_process()  # before torch loads: one float order, the same world on any x86-64 machine
     from ampo_common.errors import InputError
     from tinyworld.build import SIZES, build_world, total_units
 
@@ -58,6 +61,7 @@ def build(
 
 
 def _experiment(settings, title: str) -> None:
+    from tinyworld.determinism import describe
     from tinyworld.experiment import SHORT_LEGEND, prepare_world, summarise, table_rows, train_and_evaluate, write_outputs
 
     prepare_world(settings)
@@ -67,6 +71,7 @@ def _experiment(settings, title: str) -> None:
     headings, rows = table_rows(summary, short=True)
     console.print(make_table(title, headings, rows, keep_whole=len(headings)))
     console.print(SHORT_LEGEND, style="dim")
+    console.print(describe(), style="dim")
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -100,3 +100,32 @@ def test_build_refuses_to_replace_an_unrelated_folder(tmp_path):
     result = run_cache("tiny-world", "build", tmp_path, "--size", "small")
     assert result.exit_code == 2 and "is not a tiny world" in result.output
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.skipif(not __import__("tinyworld.determinism", fromlist=["applies"]).applies(),
+                    reason="the float pins apply on x86-64 only")
+def test_builds_under_other_thread_counts_and_instruction_sets_are_bit_identical(tmp_path):
+    """`ampo-cache tiny-world build` pins its float order (tinyworld.determinism): a build with 1
+    thread and MKL capped to AVX2, and one with 3 threads, write the same weights to the bit. The
+    third build, unpinned with 1 thread, shows the check can fail: its weights differ."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def build(name: str, **env) -> dict[str, str]:
+        folder = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "cli.cache", "tiny-world", "build", str(folder), "--size", "small"],
+                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **env}, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {model: hashlib.sha256((folder / model / "model.safetensors").read_bytes()).hexdigest()
+                for model in ("student", "teachers/forward", "teachers/largest")}
+
+    one_thread = build("one", OMP_NUM_THREADS="1", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    assert build("three", OMP_NUM_THREADS="3") == one_thread
+    unpinned = build("native", OMP_NUM_THREADS="1", AMPO_NATIVE_FLOATS="1")
+    assert unpinned["student"] != one_thread["student"]

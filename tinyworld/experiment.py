@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tinyworld.determinism import pinned_environment
+
 # name -> (overrides of train.yaml, what the arm tests)
 ARMS: dict[str, tuple[list[str], str]] = {
     "grpo": (["guidance.mode=off"], "plain GRPO: guidance off, same code path"),
@@ -97,8 +99,8 @@ def _run(cmd: Sequence, settings: ExperimentSettings) -> None:
     interpreter running us (so it works without the venv's scripts on PATH)."""
     args = [str(c) for c in cmd]
     settings.echo("$ " + shlex.join(args))
-    with stage_lock():
-        done = subprocess.run([sys.executable, "-m", _MODULES[args[0]], *args[1:]])
+    with stage_lock():  # every stage in one float order (tinyworld.determinism): the same numbers on any x86-64
+        done = subprocess.run([sys.executable, "-m", _MODULES[args[0]], *args[1:]], env=pinned_environment())
     if done.returncode:
         raise SystemExit(f"error: `{shlex.join(args)}` failed with exit code {done.returncode}")
 
