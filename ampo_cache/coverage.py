@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ampo_cache.store import TraceStore
 
 
@@ -26,3 +28,22 @@ def coverage_report(store: TraceStore) -> dict:
         prompts_uncovered=solved_by["0"],
         solved_by=solved_by,
     )
+
+
+def miss_coverage(store: TraceStore, misses: str | Path) -> dict:
+    """How many of a run's missed prompts (``ampo_cache.misses``) have a correct trace now:
+    prompts, times missed in all, covered, uncovered, and covered prompts per teacher."""
+    from ampo_cache.misses import misses_file, read_misses
+
+    table = read_misses(misses)
+    missed = table.column("prompt_id").to_pylist()
+    with store.connect() as con:
+        con.register("missed", table.select(["prompt_id"]))
+        covered = {pid for (pid,) in con.execute(
+            "SELECT DISTINCT prompt_id FROM traces WHERE correct AND prompt_id IN (SELECT prompt_id FROM missed)").fetchall()}
+        by_teacher = dict(con.execute(
+            "SELECT teacher, count(DISTINCT prompt_id) FROM traces WHERE correct "
+            "AND prompt_id IN (SELECT prompt_id FROM missed) GROUP BY 1 ORDER BY 1").fetchall())
+    return dict(misses_file=str(misses_file(misses)), prompts=len(missed), times=int(sum(table.column("times").to_pylist())),
+                covered=len(covered), uncovered=len(missed) - len(covered),
+                covered_by_teacher={str(k): int(v) for k, v in by_teacher.items()})

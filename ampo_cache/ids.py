@@ -1,6 +1,6 @@
 """Stable identities: one problem is one prompt, however it was spaced or where it came from.
 
-Normalisation of the problem text before hashing (documented in the README):
+Normalisation of the problem text before hashing (documented in docs/store.md):
   1. Unicode NFKC (full-width digits, ligatures and non-breaking spaces become their plain forms);
   2. every run of whitespace becomes one space; leading and trailing whitespace is dropped.
 Case and punctuation are kept: in mathematics they carry meaning ("x" is not "X").

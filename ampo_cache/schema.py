@@ -1,4 +1,4 @@
-"""The columns of the store's two tables. The README documents them for readers without our code."""
+"""The columns of the store's two tables. docs/store.md documents them for readers without our code."""
 
 import pyarrow as pa
 

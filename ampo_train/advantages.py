@@ -67,3 +67,9 @@ def group_advantages(
             adv = adv / (grouped.std(dim=1, correction=1, keepdim=True) + eps)
         # A one-element group already has adv == 0; dividing by a NaN std would poison it.
     return adv.reshape(rewards.shape)
+
+
+def has_spread(rewards: Tensor) -> Tensor:
+    """``[B, G]`` -> ``[B]`` bool: the groups whose rewards are not all equal, the only ones whose
+    advantages are not all zero (DAPO's dynamic sampling keeps these)."""
+    return rewards.max(dim=1).values > rewards.min(dim=1).values

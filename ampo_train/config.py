@@ -32,6 +32,7 @@ GuidanceMode = Literal["adaptive", "always", "hybrid", "off"]
 RankKind = Literal["comprehension", "trace_likelihood", "random"]
 ScoreKind = Literal["mean_prob", "mean_logp", "prob", "geo_mean_prob"]
 AggregationMode = Literal["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"]
+TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
 
 
 class _Section(BaseModel):
@@ -102,6 +103,21 @@ class RewardSettings(_Section):
         "take a fast path anyway).")
 
 
+class PrefixSettings(_Section):
+    """Prefix guidance (as QuestA, UFT, Prefix-RFT, BREAD): instead of whole traces, a guided prompt's
+    k picked traces are cut to a prefix and the student writes the rest (on-policy, verified as
+    any rollout). The prefix shrinks over training as ``schedule`` says, to ``final``."""
+
+    fraction: float = Field(0.5, ge=0, le=1, description="Prefix length at step 1, as a fraction of the trace's "
+                            "tokens (cut at a token boundary, never inside or after the start of the final \\boxed{}).")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="How the fraction moves from `fraction` (step 1) to `final` (the last step).")
+    final: float = Field(0.0, ge=0, le=1, description="The fraction at the last step (ignored by constant).")
+    loss_on_prefix: bool = Field(
+        False, description="false: the prefix is context only (masked out of the loss); true: its tokens are "
+        "trained as teacher tokens (the off-policy objective with shaping).")
+
+
 class GuidanceSettings(_Section):
     """Guidance on demand: when cached teacher traces replace failed rollouts (AMPO.md steps 3-4)."""
 
@@ -127,6 +143,8 @@ class GuidanceSettings(_Section):
     max_target_length: Optional[int] = Field(
         None, gt=0, description="Teacher traces are cut to this many student tokens (EOS included); null = "
         "rollout.max_new_tokens.")
+    prefix: Optional[PrefixSettings] = Field(
+        None, description="Prefix guidance instead of whole traces (PrefixSettings); null = whole traces (AMPO).")
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -156,6 +174,27 @@ class LossSettings(_Section):
     kl_coef: float = Field(
         0.0, ge=0, description="k3 KL to the reference policy (the student at start; LoRA: adapter disabled). 0 = "
         "no reference model.")
+
+
+class DynamicSampling(_Section):
+    """DAPO's dynamic sampling: groups whose rewards have no spread (all right, or all wrong after
+    guidance) give no gradient; more prompts are drawn until the step has `prompts_per_step` groups
+    with one, and only those are trained on."""
+
+    enabled: bool = Field(False, description="Drop zero-spread groups and draw more prompts to replace them.")
+    max_resample_rounds: int = Field(
+        2, ge=0, description="Extra draws of a step's worth of prompts at most; then the step trains on the groups "
+        "with a gradient it has (fewer than prompts_per_step).")
+
+
+class OverlongSettings(_Section):
+    """DAPO's handling of responses that hit the length budget (rollout.max_new_tokens)."""
+
+    filter: bool = Field(False, description="Truncated rollouts (no EOS) are masked out of the loss.")
+    soft_penalty_tokens: Optional[int] = Field(
+        None, gt=0, description="L_cache: a rollout longer than max_new_tokens - L_cache loses (length - "
+        "(max_new_tokens - L_cache)) / L_cache x `penalty` reward, up to the whole `penalty` at the budget; null = off.")
+    penalty: float = Field(1.0, ge=0, description="The soft penalty's size at the budget.")
 
 
 class EvalDuringTraining(_Section):
@@ -249,7 +288,7 @@ class TrainConfig(BaseModel):
     logit_chunk_size: int = Field(
         256, ge=1, description="Positions whose LM-head logits exist at once (log-probs, entropy, comprehension; forward "
         "and backward): about 3 x chunk x vocab x 4 bytes (0.4 GiB at 256 x 152k). On a CPU raised to 2**24 / vocab. "
-        "On a large GPU, 1024 was 7-8% faster at 8k-token responses for 0.6-0.8 GiB more (README, Performance).")
+        "On a large GPU, 1024 was 7-8% faster at 8k-token responses for 0.6-0.8 GiB more (docs/performance.md).")
     cpu: Optional[bool] = Field(None, description="Force CPU; null = CPU when no CUDA device is present.")
     seed: int = Field(0, description="Seeds model init, prompt order, sampling and guidance draws.")
 
@@ -258,13 +297,24 @@ class TrainConfig(BaseModel):
     reward: RewardSettings = Field(default_factory=RewardSettings)
     guidance: GuidanceSettings = Field(default_factory=GuidanceSettings)
     loss: LossSettings = Field(default_factory=LossSettings)
+    dynamic_sampling: DynamicSampling = Field(default_factory=DynamicSampling)
+    overlong: OverlongSettings = Field(default_factory=OverlongSettings)
 
     # -- output
     save_steps: int = Field(50, ge=1, description="Checkpoint every this many steps (and always at the end).")
     keep_checkpoints: Optional[int] = Field(2, ge=1, description="Keep the newest N checkpoints; null = all.")
     save_merged: bool = Field(False, description="LoRA: also save the merged full model under final/merged/.")
     log_every: int = Field(1, ge=1, description="Console progress line every N steps (metrics.jsonl gets every step).")
-    tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed.")
+    report_to: Optional[list[TrackerName] | Literal["all", "none"]] = Field(
+        None, description="Experiment trackers, through Accelerate's: a list of tensorboard, wandb, trackio, mlflow, "
+        "comet_ml, aim, clearml, dvclive; all (every installed one); none. null = tensorboard when it is installed. "
+        "metrics.jsonl is written either way. A tracker named here whose package is missing stops the run before "
+        "anything loads, naming what to install.")
+    project: str = Field("ampo", description="The trackers' project (W&B/Trackio project, MLflow experiment; "
+                         "TensorBoard writes OUTPUT_DIR/<project>).")
+    run_name: Optional[str] = Field(None, description="The trackers' run name; null = the output folder's name.")
+    tensorboard: Optional[bool] = Field(
+        None, description="Older switch: false leaves tensorboard out of report_to.")
     log_samples_every: Optional[int] = Field(
         None, ge=1, description="Every N steps append a few rows to OUTPUT_DIR/samples.jsonl: prompt, response, "
         "reward, injected teacher trace or not (which teacher, its comprehension score); null = never.")
@@ -272,6 +322,12 @@ class TrainConfig(BaseModel):
         2, ge=1, description="Prompts (whole groups of G rows) logged each time; guided prompts first, from the main "
         "process's share of the step.")
     eval: Optional[EvalDuringTraining] = Field(None, description="Evaluation during training; null = none.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value):
+        # report_to: mlflow (one name) is a list of one
+        return [value] if isinstance(value, str) and value not in ("all", "none") else value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -318,6 +374,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_prompts ({mini})")
         if self.store is not None and self.guidance.mode != "off" and not self.store.is_dir():
             raise ValueError(f"no trace store at {self.store} (build one with `ampo-cache build`, or set store: null)")
+        if self.guidance.prefix is not None and self.guidance.mode == "off":
+            raise ValueError("guidance.prefix cuts the traces guidance injects: it needs guidance.mode adaptive, "
+                             "always or hybrid")
+        cache = self.overlong.soft_penalty_tokens
+        if cache is not None and cache >= self.rollout.max_new_tokens:
+            raise ValueError(f"overlong.soft_penalty_tokens ({cache}) must be below rollout.max_new_tokens "
+                             f"({self.rollout.max_new_tokens})")
         return self
 
     # -- derived values the trainer reads

@@ -99,6 +99,11 @@ class Row:
     old_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], sampling-time log-probs
     ref_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], reference policy (KL)
     engine_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], the rollout engine's
+    # Prefix guidance: the first prefix_len response tokens are a teacher's, the rest the student's
+    # continuation; the prefix is trained as teacher tokens (prefix_in_loss) or is context only.
+    prefix_len: int = 0
+    prefix_in_loss: bool = False
+    in_loss: bool = True  # False: every token masked out of the loss (overlong.filter on a truncated rollout)
 
 
 @dataclass
@@ -110,7 +115,8 @@ class RowBatch:
     position_ids: Tensor  # [N, P + R]
     response_ids: Tensor  # [N, R]
     response_mask: Tensor  # [N, R] bool: the tokens that count
-    is_teacher: Tensor  # [N] bool
+    is_teacher: Tensor  # [N] bool: a whole teacher trace
+    teacher_tokens: Tensor  # [N, R] bool: the tokens trained as teacher tokens (whole traces, trained prefixes)
     advantages: Tensor  # [N] float32
     old_logp: Tensor | None  # [N, R] or None when not computed
     ref_logp: Tensor | None  # [N, R] or None
@@ -140,6 +146,7 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
     attention = torch.zeros((n, p + r_width), dtype=torch.long)
     response_ids = torch.full((n, r_width), pad_id, dtype=torch.long)
     response_mask = torch.zeros((n, r_width), dtype=torch.bool)
+    teacher_tokens = torch.zeros((n, r_width), dtype=torch.bool)
     old = torch.zeros((n, r_width)) if all(r.old_logp is not None for r in rows) else None
     ref = torch.zeros((n, r_width)) if all(r.ref_logp is not None for r in rows) else None
     rollouts = [r for r in rows if not r.is_teacher]
@@ -150,7 +157,12 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
         input_ids[i, p:p + lr] = torch.as_tensor(row.response_ids, dtype=torch.long)
         attention[i, p - lp:p + lr] = 1
         response_ids[i, :lr] = torch.as_tensor(row.response_ids, dtype=torch.long)
-        response_mask[i, :lr] = True
+        response_mask[i, :lr] = row.in_loss
+        if row.is_teacher:
+            teacher_tokens[i] = True
+        elif row.prefix_len:
+            teacher_tokens[i, :row.prefix_len] = row.prefix_in_loss
+            response_mask[i, :row.prefix_len] &= row.prefix_in_loss
         if old is not None:
             old[i, :lr] = row.old_logp
         if ref is not None:
@@ -165,6 +177,7 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
         response_ids=response_ids,
         response_mask=response_mask,
         is_teacher=torch.tensor([r.is_teacher for r in rows], dtype=torch.bool),
+        teacher_tokens=teacher_tokens,
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
         old_logp=old,
         ref_logp=ref,

@@ -60,11 +60,14 @@ def check_launch(lora: bool) -> None:
                              "with DDP (examples/accelerate/ddp.yaml), or set lora: null to shard a full model")
 
 
-def make_accelerator(cpu: bool, mixed_precision: str, lora: bool, max_grad_norm: float | None = None) -> Accelerator:
+def make_accelerator(cpu: bool, mixed_precision: str, lora: bool, max_grad_norm: float | None = None,
+                     log_with: list[str] | None = None, project_dir: str | None = None) -> Accelerator:
     """The run's Accelerator, after ``check_launch``. ``max_grad_norm``: train.yaml's, which
-    DeepSpeed's engine applies itself (``zero.configure``)."""
+    DeepSpeed's engine applies itself (``zero.configure``). ``log_with``: Accelerate's trackers
+    (``tracking.tracker_names``), logging under ``project_dir``."""
     check_launch(lora)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with or None,
+                              project_dir=project_dir)
     if accelerator.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_FSDP"):
         from accelerate.state import PartialState
         from accelerate.utils import FullyShardedDataParallelPlugin

@@ -23,11 +23,14 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ampo_cache.boxed import boxes
 from ampo_cache.lookup import CachedTrace
 from ampo_train.comprehension import Scoring, no_reasoning_trace, score_candidates
 from ampo_train.config import GuidanceSettings
 from ampo_train.data import Row, TrainPrompt, teacher_response_ids
 from ampo_train.guidance import candidate_traces, correct_flags, needs_guidance, rank_candidates, replace_rollouts
+from ampo_train.prefix import prefix_fraction, prefix_length
+from ampo_train.rewards import score_responses
 from ampo_train.rollout import Rollout
 
 Lookup = Callable[[Sequence[str]], Mapping[str, Sequence[CachedTrace]]]
@@ -64,13 +67,16 @@ class GuidanceReport:
     prompts: int = 0  # prompts in the batch
     needed: int = 0  # prompts the mode selected for guidance
     guided: int = 0  # prompts that received traces
-    no_trace: int = 0  # selected, but no correct cached trace
+    no_trace: int = 0  # selected, but no correct cached trace: a cache miss
+    missed: list[int] = field(default_factory=list)  # the batch indices of those prompts
     all_correct: int = 0  # selected (always/hybrid), but replace: wrong_only and no rollout was wrong
     injected: int = 0  # traces injected
     per_teacher: Counter = field(default_factory=Counter)  # injected traces per teacher
     picked_scores: list[float] = field(default_factory=list)
     unpicked_scores: list[float] = field(default_factory=list)
     score_gains: list[float] = field(default_factory=list)  # picked score - no-reasoning score
+    prefix_tokens: list[int] = field(default_factory=list)  # prefix guidance: the prefix given per injection
+    prefix_solved: int = 0  # prefix guidance: continuations the verifier found correct
 
 
 @dataclass
@@ -108,6 +114,7 @@ def plan_guidance(prompt_ids: Sequence[str], rewards: Tensor, source: TraceSourc
         candidates = candidate_traces(list(found.get(prompt_ids[b], ())), settings.max_candidates)
         if not candidates:
             report.no_trace += 1
+            report.missed.append(b)
             continue
         k = settings.k
         if settings.replace == "wrong_only":  # the reference: at most one trace per wrong rollout
@@ -162,17 +169,86 @@ class StudentScorer:
         return scores, None
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Prefix guidance in one slot: a teacher trace's first tokens, then the student's own."""
+
+    prefix_ids: list[int]
+    rollout: Rollout  # the student's continuation (its engine log-probs)
+    in_loss: bool  # the prefix is trained as teacher tokens (guidance.prefix.loss_on_prefix)
+
+
+def answer_start(text: str) -> int | None:
+    """Where the answer a trace ends with begins: the opening of the outermost box around its last
+    ``\\boxed{}`` (None: no box). A prefix is cut before it, so the student still writes the answer."""
+    found = boxes(text)
+    if not found:
+        return None
+    last = found[-1]
+    return min(box.start for box in found if box.start <= last.start and box.content_end >= last.content_end)
+
+
+class PrefixGuide:
+    """Prefix guidance for a step: every injection of the plan becomes the start of its trace
+    (``prefix.prefix_fraction`` of its tokens at this step, cut before the answer) and the
+    student's continuation from prompt + prefix, verified like any rollout; the slot's reward is
+    that verdict (a wrong continuation earns nothing)."""
+
+    def __init__(self, policy, tokenizer, verifier, cfg):
+        self.policy, self.tokenizer, self.verifier, self.cfg = policy, tokenizer, verifier, cfg
+
+    def continue_traces(self, batch: Sequence[TrainPrompt], plan: GuidancePlan, step: int,
+                        seed: int) -> dict[tuple[int, int], Continuation]:
+        cfg = self.cfg
+        if not plan.injections:
+            return {}
+        fraction = prefix_fraction(cfg.guidance.prefix, step, cfg.max_steps)
+        budget = cfg.rollout.max_new_tokens
+        prefixes = []
+        for injection in plan.injections:
+            encoded = self.tokenizer(injection.text, add_special_tokens=False, return_offsets_mapping=True)
+            n = prefix_length(encoded["offset_mapping"], answer_start(injection.text), fraction)
+            prefixes.append(list(encoded["input_ids"][:min(n, budget - 1)]))
+        settings = cfg.rollout.model_copy(update={"max_new_tokens": budget - min(len(p) for p in prefixes)})
+        prompts = [list(batch[inj.prompt_index].token_ids) + prefix for inj, prefix in zip(plan.injections, prefixes)]
+        rollouts = [group[0] for group in self.policy.generate(prompts, 1, seed=seed, settings=settings)]
+        rollouts = [_within(r, budget - len(prefix)) for r, prefix in zip(rollouts, prefixes)]
+        texts = [self.tokenizer.decode(prefix + r.token_ids, skip_special_tokens=True) for prefix, r in zip(prefixes, rollouts)]
+        scored = score_responses(self.verifier, texts, [batch[inj.prompt_index].answer for inj in plan.injections],
+                                 cfg.reward)
+        continuations = {}
+        for i, (injection, prefix, rollout) in enumerate(zip(plan.injections, prefixes, rollouts)):
+            plan.rewards[injection.prompt_index, injection.slot] = float(scored.rewards[i])
+            continuations[(injection.prompt_index, injection.slot)] = Continuation(
+                prefix, rollout, cfg.guidance.prefix.loss_on_prefix)
+        plan.report.prefix_tokens.extend(len(p) for p in prefixes)
+        plan.report.prefix_solved += int(scored.correct.sum())
+        return continuations
+
+
+def _within(rollout: Rollout, limit: int) -> Rollout:
+    """A continuation cut to the tokens left after its prefix (generated with a common budget)."""
+    if len(rollout.token_ids) <= limit:
+        return rollout
+    logprobs = None if rollout.logprobs is None else rollout.logprobs[:limit]
+    return Rollout(rollout.token_ids[:limit], "length", logprobs)
+
+
 def mixed_rows(batch: Sequence[TrainPrompt], groups: Sequence[Sequence[Rollout]], plan: GuidancePlan, tokenizer,
-               target_length: int) -> list[Row]:
+               target_length: int, continuations: Mapping[tuple[int, int], Continuation] | None = None) -> list[Row]:
     """The mixed batch: G rows per prompt, injected teacher traces in the slots the plan chose
-    (tokenised with the student's tokenizer, one EOS, cut at ``target_length``)."""
+    (tokenised with the student's tokenizer, one EOS, cut at ``target_length``), or with prefix
+    guidance the prefix + the student's continuation (``continuations``)."""
     injected = {(inj.prompt_index, inj.slot): inj for inj in plan.injections}
+    continuations = continuations or {}
     rows: list[Row] = []
     for b, (prompt, group) in enumerate(zip(batch, groups)):
         for g, rollout in enumerate(group):
             reward = float(plan.rewards[b, g])
             injection = injected.get((b, g))
-            if injection is None:
+            if (b, g) in continuations:
+                rows.append(_continuation_row(prompt, continuations[(b, g)], reward, injection.trace.teacher))
+            elif injection is None:
                 engine_logp = None if rollout.logprobs is None else torch.tensor(rollout.logprobs, dtype=torch.float32)
                 rows.append(Row(prompt.token_ids, list(rollout.token_ids), reward,
                                 finished=rollout.finish_reason == "stop", engine_logp=engine_logp))
@@ -181,3 +257,13 @@ def mixed_rows(batch: Sequence[TrainPrompt], groups: Sequence[Sequence[Rollout]]
                 rows.append(Row(prompt.token_ids, ids, reward, is_teacher=True, teacher=injection.trace.teacher,
                                 finished=bool(ids) and ids[-1] == tokenizer.eos_token_id))
     return rows
+
+
+def _continuation_row(prompt: TrainPrompt, continuation: Continuation, reward: float, teacher: str) -> Row:
+    rollout, prefix = continuation.rollout, continuation.prefix_ids
+    engine_logp = None
+    if rollout.logprobs is not None:  # the engine sampled the continuation only
+        engine_logp = torch.tensor([0.0] * len(prefix) + list(rollout.logprobs), dtype=torch.float32)
+    return Row(prompt.token_ids, prefix + list(rollout.token_ids), reward, teacher=teacher,
+               finished=rollout.finish_reason == "stop", engine_logp=engine_logp, prefix_len=len(prefix),
+               prefix_in_loss=continuation.in_loss)

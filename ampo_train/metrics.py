@@ -115,12 +115,16 @@ def step_stats(stats: StepStats, record: StepRecord, teachers: Sequence[str]) ->
     """This process's share of the step's metrics (counts and sums; merged across processes later)."""
     rewards, plan, groups = record.rewards, record.plan, record.groups
     n = rewards.numel()
-    stats.mean("reward/mean", float(rewards.sum()), n)  # on-policy, before injection
-    stats.mean("reward/mixed", float(plan.rewards.sum()), n)  # the groups the loss saw
+    stats.mean("reward", float(rewards.sum()), n)  # on-policy, before injection
+    stats.mean("reward_mixed", float(plan.rewards.sum()), n)  # the groups the loss saw
     stats.mean("accuracy", int(record.correct.sum()), n)
     correct = record.correct.view(rewards.shape)
     stats.mean("groups/all_wrong", int((~correct.any(dim=1)).sum()), len(record.prompts))
     stats.mean("groups/all_correct", int(correct.all(dim=1).sum()), len(record.prompts))
+    spread = rewards.max(dim=1).values - rewards.min(dim=1).values
+    stats.mean("frac_reward_zero_std", int((spread == 0).sum()), len(record.prompts))  # TRL's: no gradient there
+    stats.total("_reward_sq", float((rewards.double() ** 2).sum()))  # for reward_std over every process
+    stats.total("_reward_count", n)
     report = plan.report
     stats.total("guidance/prompts", report.prompts)
     stats.total("guidance/needed", report.needed)
@@ -137,23 +141,67 @@ def step_stats(stats: StepStats, record: StepRecord, teachers: Sequence[str]) ->
     stats.maximum("response_length/max", max(lengths))
     stats.mean("response_length/truncated", sum(r.finish_reason == "length" for g in groups for r in g), len(lengths))
     stats.mean_of("teacher_length/mean", [len(r.response_ids) for r in record.rows if r.is_teacher])
+    teacher_tokens = sum(len(r.response_ids) if r.is_teacher else r.prefix_len * r.prefix_in_loss for r in record.rows)
+    stats.mean("guidance/offpolicy_token_frac", teacher_tokens, sum(len(r.response_ids) for r in record.rows))
+    if report.prefix_tokens:  # prefix guidance
+        stats.mean_of("guidance/prefix_tokens", report.prefix_tokens)
+        stats.mean("guidance/prefix_solved", report.prefix_solved, len(report.prefix_tokens))
     stats.total("tokens/generated", sum(lengths))
     stats.total("tokens/trained", sum(len(r.prompt_ids) + len(r.response_ids) for r in record.rows))
 
 
+# TRL's GRPOTrainer names (what its users watch) -> ours; both are logged. (TRL's `reward` is ours
+# too: a tracker that stores metrics as paths, MLflow's file store, cannot hold `reward` beside
+# `reward/...`, so no key of ours nests under it.)
+TRL_NAMES = {
+    "completions/mean_length": "response_length/mean",
+    "completions/max_length": "response_length/max",
+    "completions/clipped_ratio": "response_length/truncated",
+    "clip_ratio/region_mean": "clip/fraction",
+    "clip_ratio/low_mean": "clip/low",
+    "clip_ratio/high_mean": "clip/high",
+    "learning_rate": "lr",
+    "step_time": "time/step",
+    "sampling/importance_sampling_ratio/mean": "rollout/is_weight",
+    "sampling/sampling_logp_difference/mean": "rollout/logprob_diff",
+    "sampling/sampling_logp_difference/max": "rollout/logprob_diff_max",
+}
+# Guidance under one prefix, beside the names the trainer has always logged.
+GUIDANCE_NAMES = {
+    "guidance/comprehension_picked": "comprehension/picked",
+    "guidance/comprehension_left": "comprehension/unpicked",
+}
+
+
+def _ratio(summary: dict, numerator: str, denominator: str) -> float | None:
+    total = summary.get(denominator) or 0
+    return summary.get(numerator, 0) / total if total else None
+
+
 def finish_metrics(summary: dict, step: int, epoch: float) -> dict:
-    """The merged step summary plus what is derived from it: the guided fraction, throughput,
-    the step and epoch, and ``null`` for the keys a step may have no sample of."""
-    prompts = summary.get("guidance/prompts") or 0
-    summary["guidance/fraction"] = summary.get("guidance/guided", 0) / prompts if prompts else 0.0
+    """The merged step summary plus what is derived from it: the guidance fractions, the reward's
+    spread, throughput, TRL's names for our numbers, the step and epoch, and ``null`` for the keys
+    a step may have no sample of. (docs/metrics.md lists every key.)"""
+    summary["guidance/fraction"] = _ratio(summary, "guidance/guided", "guidance/prompts") or 0.0
+    summary["guidance/triggered_frac"] = _ratio(summary, "guidance/needed", "guidance/prompts") or 0.0
+    summary["guidance/cache_miss_frac"] = _ratio(summary, "guidance/no_trace", "guidance/needed")
+    count, sum_sq, mean = summary.pop("_reward_count", 0), summary.pop("_reward_sq", None), summary.get("reward")
+    summary["reward_std"] = None
+    if sum_sq is not None and mean is not None and count > 1:
+        variance = (sum_sq - count * mean * mean) / (count - 1)  # Bessel's correction, as torch.std (TRL)
+        summary["reward_std"] = max(variance, 0.0) ** 0.5
     step_time = summary.get("time/step") or 0.0
     summary["tokens_per_second"] = summary.get("tokens/trained", 0) / step_time if step_time else None
     gen_time = summary.get("time/generate") or 0.0
     summary["generate_tokens_per_second"] = summary.get("tokens/generated", 0) / gen_time if gen_time else None
     summary["step"] = step
     summary["epoch"] = epoch
-    for key in ("kl", "teacher_token_prob"):
+    for key in ("kl", "teacher_token_prob", "rollout/is_weight", "rollout/logprob_diff", "rollout/logprob_diff_max"):
         summary.setdefault(key, None)
+    for alias, ours in {**TRL_NAMES, **GUIDANCE_NAMES}.items():
+        summary[alias] = summary.get(ours)
+    for key in [k for k in summary if k.startswith("guidance/teacher/")]:
+        summary["guidance/injected_per_teacher/" + key.rsplit("/", 1)[1]] = summary[key]
     return summary
 
 
@@ -171,6 +219,12 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def short_status(m: dict[str, Any]) -> str:
+    """The progress bar's fields: what moves, in a few characters."""
+    return (f"reward {_fmt(m.get('reward'), '.3f')}  guided {_fmt(m.get('guidance/fraction'), '.0%')}"
+            f"  {_fmt(m.get('time/step'), '.2f')} s/step")
+
+
 def progress_line(m: dict[str, Any], max_steps: int) -> str:
     """The console's one line per step: what moves, and where the time goes."""
     guided = f"{_fmt(m.get('guidance/fraction'), '.2f')} ({int(m.get('guidance/guided', 0))}/{int(m.get('guidance/prompts', 0))}"
@@ -178,7 +232,7 @@ def progress_line(m: dict[str, Any], max_steps: int) -> str:
         guided += f", no trace {int(m['guidance/no_trace'])}"
     guided += ")"
     return (
-        f"step {m['step']}/{max_steps} | reward {_fmt(m.get('reward/mean'), '.3f')} acc {_fmt(m.get('accuracy'), '.3f')}"
+        f"step {m['step']}/{max_steps} | reward {_fmt(m.get('reward'), '.3f')} acc {_fmt(m.get('accuracy'), '.3f')}"
         f" | guided {guided}"
         f" | len {_fmt(m.get('response_length/mean'), '.0f')} ent {_fmt(m.get('entropy'), '.2f')}"
         f" clip {_fmt(m.get('clip/fraction'), '.3f')} gnorm {_fmt(m.get('grad_norm'), '.3f')}"
@@ -188,23 +242,30 @@ def progress_line(m: dict[str, Any], max_steps: int) -> str:
 
 
 class MetricsLogger:
-    """metrics.jsonl + TensorBoard (when importable) + console. Create it on the main process only."""
+    """metrics.jsonl and the console (main process only; the trackers are ``ampo_train.tracking``).
 
-    def __init__(self, output_dir: Path, max_steps: int, log_every: int = 1, tensorboard: bool = True,
+    On a terminal a progress bar over the steps shows the ETA, the last step's reward, guided
+    fraction and step time, and the full line every ``log_every`` steps above it; elsewhere (CI,
+    a log file) only that line, every ``log_every`` steps, so logs stay readable.
+    """
+
+    def __init__(self, output_dir: Path, max_steps: int, log_every: int = 1, start_step: int = 0,
                  console: Console | None = None):
         self.path = output_dir / "metrics.jsonl"
         self.max_steps, self.log_every = max_steps, log_every
         self.console = console or Console(highlight=False)
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.writer = None
         output_dir.mkdir(parents=True, exist_ok=True)
         self._file = None
+        self.progress = None
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                     console=self.console)
+            self.task = self.progress.add_task("train", total=max_steps, completed=start_step, status="")
+            self.progress.start()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop the interrupted run's lines after the checkpoint (``truncate_jsonl``)."""
@@ -216,20 +277,18 @@ class MetricsLogger:
         self._file.write(json.dumps(metrics, sort_keys=True) + "\n")
         self._file.flush()
         step = metrics["step"]
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(key, value, step)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, status=short_status(metrics))
         if step % self.log_every == 0 or step == self.max_steps:
             self.console.print(progress_line(metrics, self.max_steps), soft_wrap=True)
 
     def message(self, text: str) -> None:
-        self.console.print(text, soft_wrap=True)
+        self.console.print(text, soft_wrap=True)  # above the bar when there is one
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

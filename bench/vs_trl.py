@@ -223,7 +223,7 @@ def child_ours(spec: Spec, work: Path) -> dict:
         "reward_s": [m["time/reward"] for m in history],
         "cycle_s": _diffs(record["log_times"]),
         "completion_len": [m["response_length/mean"] for m in history],
-        "reward": [m["reward/mean"] for m in history],
+        "reward": [m["reward"] for m in history],
         "rss_first_step_kib": record["rss_first_step_kib"], "hwm_kib": _hwm_kib(),
     }
 

@@ -13,7 +13,7 @@ import duckdb
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ampo_cache.build import TeacherPlan, load_build_prompts, parse_shard, plan_build, run_build
+from ampo_cache.build import TeacherPlan, load_build_prompts, parse_shard, plan_build, run_build, select_shard
 from ampo_cache.coverage import coverage_report
 from ampo_common.errors import InputError
 from ampo_cache.export import FORMATS as EXPORT_FORMATS
@@ -161,14 +161,29 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be generated; load no model."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts of the file."),
     store: Optional[Path] = typer.Option(None, help="Override the store of the YAML."),
+    prompts_file: Optional[Path] = typer.Option(
+        None, "--prompts", help="Override the prompts file of the YAML (e.g. a run's OUTPUT_DIR/misses.parquet)."),
+    from_misses: Optional[Path] = typer.Option(
+        None, "--prompts-from-misses", help="Build for exactly the prompts a training run missed: its OUTPUT_DIR "
+        "(misses.parquet: prompts that needed guidance and had no correct trace)."),
 ):
     """Generate, verify and store teacher traces (resumable; run again to continue)."""
+    from ampo_cache.misses import miss_prompts
+
     with user_errors():
+        if prompts_file is not None and from_misses is not None:
+            raise InputError("--prompts", "give --prompts or --prompts-from-misses, not both")
         config = load_build_config(teachers)
         if store is not None:
             config.store = store
+        if prompts_file is not None:
+            config.prompts = prompts_file
         TraceStore.check_location(config.store)
-        prompts = load_build_prompts(config, parse_shard(shard), limit)
+        if from_misses is not None:
+            missed = miss_prompts(from_misses)
+            prompts = select_shard(missed[:limit] if limit else missed, parse_shard(shard))
+        else:
+            prompts = load_build_prompts(config, parse_shard(shard), limit)
         plans = plan_build(config, prompts)
     console.print(make_table(
         f"plan: {len(prompts)} prompts" + (f" (shard {shard})" if shard else "") + f" -> {config.store}",
@@ -206,14 +221,26 @@ def build(
 def coverage(
     store: Path = StoreOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    misses: Optional[Path] = typer.Option(
+        None, "--misses", help="A training run's OUTPUT_DIR (or its misses.parquet): how many of the prompts it "
+        "missed the store covers now."),
 ):
-    """Per-teacher and per-prompt coverage of the store."""
+    """Per-teacher and per-prompt coverage of the store (with --misses: of a run's cache misses)."""
+    from ampo_cache.coverage import miss_coverage
+
     with user_errors():
-        report = coverage_report(TraceStore.open(store))
+        opened = TraceStore.open(store)
+        report = coverage_report(opened) if misses is None else miss_coverage(opened, misses)
     if as_json:
         write_stdout(json.dumps(report) + "\n")
-    else:
+    elif misses is None:
         print_coverage(report)
+    else:
+        console.print(make_table(
+            f"cache misses of {report['misses_file']}", ["missed prompts", "times missed", "covered now",
+                                                         "still uncovered", "covered by teacher"],
+            [(report["prompts"], report["times"], report["covered"], report["uncovered"],
+              ", ".join(f"{t}: {n}" for t, n in report["covered_by_teacher"].items()) or "-")]))
 
 
 def read_only_connection(store: TraceStore) -> duckdb.DuckDBPyConnection:

@@ -110,7 +110,8 @@ def demo(
 def experiment(
     folder: Path = typer.Argument(Path("tiny"), help="The tiny world's folder (built there when missing)."),
     arms: str = typer.Option("grpo,ampo", help="Comma-separated arms: grpo, ampo, ampo-k2, ampo-k4, ampo-random, "
-                                               "ampo-always (see tinyworld/experiment.py)."),
+                                               "ampo-always, ampo-prefix, ampo-dynamic, grpo-dynamic, "
+                                               "ampo-prefix-dynamic (see tinyworld/experiment.py)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds; every arm runs every seed."),
     samples: int = typer.Option(16, min=1, help="Sampled answers per test problem."),
     out: Optional[Path] = typer.Option(None, help="Where runs, evaluations and figures go (default FOLDER/experiment)."),

@@ -165,7 +165,7 @@ def print_summary(history: list[dict]) -> None:
 
     span = max(1, min(5, len(history) // 2))
     first, last = history[:span], history[-span:]
-    keys = ["reward/mean", "accuracy", "guidance/fraction", "groups/all_wrong", "comprehension/picked",
+    keys = ["reward", "accuracy", "guidance/fraction", "groups/all_wrong", "comprehension/picked",
             "response_length/mean", "entropy", "grad_norm", "time/step"]
     rows = [(key, _mean(first, key), _mean(last, key)) for key in keys]
     teachers = sorted(k for k in history[-1] if k.startswith("guidance/teacher/"))

@@ -116,3 +116,19 @@ def test_entropy_and_kl_are_global_token_means_under_ddp(tmp_path, aggregation):
     assert scale > 0
     for name, grad in one.items():
         torch.testing.assert_close(two[name], grad, atol=1e-6 * scale, rtol=1e-4, msg=name)
+
+
+def test_dynamic_sampling_processes_agree_on_rounds_and_groups(tmp_path):
+    """Each process drops its own zero-spread groups, but they draw the same rounds and keep the
+    same number of groups, so they make the same updates and end with the same weights."""
+    world = make_world(tmp_path / "world", num_prompts=8, covered=0.5)
+    config = write_config(tmp_path / "train.yaml", base_config(
+        world, tmp_path / "out", max_steps=2, lora={"r": 4, "alpha": 8}, lr=1e-2,
+        dynamic_sampling={"enabled": True, "max_resample_rounds": 2}))
+    debug = tmp_path / "ranks"
+    launch(config, debug=debug)
+    ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+    assert len(ranks[0]["prompt_ids"]) == len(ranks[1]["prompt_ids"])  # the same rounds on both
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["dynamic/kept_groups"] % 2 == 0 for m in lines)  # the same count on each of the 2 processes

@@ -26,7 +26,7 @@ from ampo_train.trainer import train
 from tests.trainer_fixtures import base_config, make_policy, make_tokenizer, make_world, write_config
 
 METRIC_KEYS = {
-    "step", "reward/mean", "reward/mixed", "accuracy", "guidance/fraction", "guidance/guided", "guidance/needed",
+    "step", "reward", "reward_mixed", "accuracy", "guidance/fraction", "guidance/guided", "guidance/needed",
     "guidance/no_trace", "guidance/injected", "comprehension/picked", "comprehension/unpicked",
     "response_length/mean", "entropy", "clip/fraction", "clip/low", "clip/high", "clip/dual", "grad_norm",
     "time/generate", "time/guidance", "time/update", "tokens_per_second", "loss/policy", "lr",
@@ -251,14 +251,14 @@ def test_adaptive_run_guides_logs_and_saves_a_loadable_adapter(world, tmp_path):
     for m in lines:
         assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
         # a random student never answers: every prompt needs guidance; 1 in 4 prompts has no trace
-        assert m["accuracy"] == 0.0 and m["reward/mean"] == 0.0
+        assert m["accuracy"] == 0.0 and m["reward"] == 0.0
         assert m["guidance/needed"] == 4
         assert m["guidance/guided"] + m["guidance/no_trace"] == 4 and m["guidance/guided"] >= 1
         assert m["guidance/injected"] == 2 * m["guidance/guided"]  # k = 2, every covered prompt has >= 2 teachers
         assert sum(v for k, v in m.items() if k.startswith("guidance/teacher/")) == m["guidance/injected"]
         assert set(k for k in m if k.startswith("guidance/teacher/")) == {f"guidance/teacher/{t}" for t in ("alpha", "beta", "gamma")}
         # injected rows carry reward 1: the mixed mean is injected / (prompts x G)
-        assert m["reward/mixed"] == pytest.approx(m["guidance/injected"] / 16)
+        assert m["reward_mixed"] == pytest.approx(m["guidance/injected"] / 16)
         assert 0 <= m["comprehension/picked"] <= 1 and m["comprehension/gain"] is not None
         assert m["clip/fraction"] == 0.0  # lockstep, one update per step: ratio exactly 1
         # transformers samples from the training weights: its log-probs are the trainer's
@@ -368,7 +368,7 @@ def test_mode_off_from_the_command_line_is_plain_grpo(world, tmp_path):
     assert "step 1/1" in result.output
     m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
     assert (m["guidance/needed"], m["guidance/guided"], m["guidance/injected"]) == (0, 0, 0)
-    assert m["reward/mixed"] == m["reward/mean"] and m["comprehension/picked"] is None
+    assert m["reward_mixed"] == m["reward"] and m["comprehension/picked"] is None
     # all rollouts wrong and nothing injected: zero advantages, so the policy loss is exactly 0
     # (only the entropy bonus moves the weights)
     assert m["accuracy"] == 0.0 and m["loss/policy"] == 0.0 and m["grad_norm"] > 0

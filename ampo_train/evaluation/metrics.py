@@ -3,7 +3,7 @@
 - avg@n: mean accuracy over all n samples of all problems (= pass@1 estimated from n samples).
 - pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k) for a problem with
   c correct of n samples, averaged over problems; computed as a product so large n cannot overflow.
-- diversity (our choice, documented in the README): ``distinct_correct`` is the mean number of
+- diversity (our choice, documented in docs/evaluation.md): ``distinct_correct`` is the mean number of
   *different* correct solution texts per solved problem (whitespace collapsed). Two samples that
   reason the same way write the same text, so this counts the distinct reasoning paths that reach
   the truth; it is 1 for a model that knows one way and up to n for one that explores. (Word
