@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from rich.console import Console
 
+from ampo_train.data import Row
 from ampo_train.step_record import StepRecord
 
 
@@ -141,13 +142,17 @@ def step_stats(stats: StepStats, record: StepRecord, teachers: Sequence[str]) ->
     stats.maximum("response_length/max", max(lengths))
     stats.mean("response_length/truncated", sum(r.finish_reason == "length" for g in groups for r in g), len(lengths))
     stats.mean_of("teacher_length/mean", [len(r.response_ids) for r in record.rows if r.is_teacher])
-    teacher_tokens = sum(len(r.response_ids) if r.is_teacher else r.prefix_len * r.prefix_in_loss for r in record.rows)
-    stats.mean("guidance/offpolicy_token_frac", teacher_tokens, sum(len(r.response_ids) for r in record.rows))
     if report.prefix_tokens:  # prefix guidance
         stats.mean_of("guidance/prefix_tokens", report.prefix_tokens)
         stats.mean("guidance/prefix_solved", report.prefix_solved, len(report.prefix_tokens))
     stats.total("tokens/generated", sum(lengths))
-    stats.total("tokens/trained", sum(len(r.prompt_ids) + len(r.response_ids) for r in record.rows))
+
+
+def trained_stats(stats: StepStats, rows: Sequence[Row]) -> None:
+    """What the update trained on (with dynamic sampling, the kept groups only)."""
+    teacher_tokens = sum(len(r.response_ids) if r.is_teacher else r.prefix_len * r.prefix_in_loss for r in rows)
+    stats.mean("guidance/offpolicy_token_frac", teacher_tokens, sum(len(r.response_ids) for r in rows))
+    stats.total("tokens/trained", sum(len(r.prompt_ids) + len(r.response_ids) for r in rows))
 
 
 # TRL's GRPOTrainer names (what its users watch) -> ours; both are logged. (TRL's `reward` is ours

@@ -6,7 +6,7 @@ ClearML, DVCLive), beside the run's metrics.jsonl, which is always written.
     trackers = Trackers(accelerator, cfg, names, resumed)     # init_trackers(project, config=the resolved config)
     trackers.log(metrics, step)                               # main process only; a step is sent once
     trackers.log_samples(step, rows)                          # a table where the tracker has one
-    trackers.finish()                                         # end_training
+    trackers.finish()                                         # the trackers' end_training
 
 Resuming continues the same run: the run ids (W&B, MLflow, Trackio) are kept in
 ``OUTPUT_DIR/trackers.json`` and given back to the tracker, and TensorBoard writes to the same
@@ -166,8 +166,10 @@ class Trackers:
         self._write_state()
 
     def finish(self) -> None:
-        if self.names:
-            self.accelerator.end_training()
+        """Close every tracker (Accelerate's end_training, but the process group is left for
+        ``distributed.shutdown`` to take down together, after a barrier)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def _markdown_table(columns: list[str], rows: list[list]) -> str:

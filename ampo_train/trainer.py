@@ -49,7 +49,7 @@ from ampo_train.distributed import (full_parameters, full_state_dict, layout, lo
 from ampo_train.evaluation.benchmarks import BenchItem
 from ampo_train.guided_step import PrefixGuide, StudentScorer, TraceSource, mixed_rows, plan_guidance
 from ampo_train.loading import load_reference, load_student, load_tokenizer
-from ampo_train.metrics import MetricsLogger, PhaseTimer, StepStats, finish_metrics, step_stats
+from ampo_train.metrics import MetricsLogger, PhaseTimer, StepStats, finish_metrics, step_stats, trained_stats
 from ampo_train.miss_log import MissLog
 from ampo_train.policy import ForwardSettings, Policy
 from ampo_train.rewards import overlong_penalty, score_responses
@@ -155,6 +155,7 @@ def run_step(run: Run, step: int) -> dict:
     # 7. metrics, gathered from every process; evaluation; samples
     for record in records:
         step_stats(stats, record, run.teachers)
+    trained_stats(stats, rows)
     timer.record(stats)
     stats.maximum("time/step", time.perf_counter() - step_start)
     metrics = finish_metrics(StepStats.merge(gather_object([stats.to_dict()])).summary(), step, run.sampler.epochs)

@@ -132,3 +132,19 @@ def test_dynamic_sampling_processes_agree_on_rounds_and_groups(tmp_path):
     assert len(ranks[0]["prompt_ids"]) == len(ranks[1]["prompt_ids"])  # the same rounds on both
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["dynamic/kept_groups"] % 2 == 0 for m in lines)  # the same count on each of the 2 processes
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_two_processes_one_tracker_writer(tmp_path):
+    """Only the main process logs to the trackers: one TensorBoard event file, every step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    world = make_world(tmp_path / "world", num_prompts=8, covered=0.5)
+    config = write_config(tmp_path / "train.yaml", base_config(
+        world, tmp_path / "out", max_steps=2, lora={"r": 4, "alpha": 8}, report_to=["tensorboard"], tensorboard=None))
+    launch(config)
+    events = list((tmp_path / "out" / "ampo").glob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    accumulator = EventAccumulator(str(tmp_path / "out" / "ampo"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("reward")] == [1, 2]

@@ -16,7 +16,7 @@ from ampo_train.trainer import train
 from tests.trainer_fixtures import base_config, make_world, write_config
 
 # Keys that depend on wall time; everything else must match step for step.
-TIMING = ("time/", "tokens_per_second", "generate_tokens_per_second")
+TIMING = ("time/", "step_time", "tokens_per_second", "generate_tokens_per_second")
 
 
 @pytest.fixture(scope="module")

@@ -127,3 +127,20 @@ def test_wandb_offline_run_is_resumed_with_its_id(world, tmp_path, monkeypatch):
     assert json.loads((out / "trackers.json").read_text())["run_ids"]["wandb"] == run_id
     runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert runs, list((out / "wandb").iterdir())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed (pip install -e '.[trackio]')")
+def test_trackio_local_run_read_back_after_a_resume(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    from trackio.sqlite_storage import SQLiteStorage
+
+    out = tmp_path / "out"
+    cfg = load_train_config(write_config(tmp_path / "train.yaml", base_config(
+        world, out, max_steps=2, save_steps=1, report_to=["trackio"], project="ampo-test", run_name="tracked",
+        tensorboard=None)))
+    train(cfg, until_step=1)
+    train(cfg, resume=out)
+    logs = SQLiteStorage.get_logs("ampo-test", run="tracked")
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logs] == [1, 2]  # one run, every step once
+    assert [entry["reward"] for entry in logs] == pytest.approx([m["reward"] for m in history])

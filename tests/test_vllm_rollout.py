@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from ampo_train.config import RolloutSettings, load_train_config  # noqa: E402
 from tests.trainer_fixtures import base_config, make_tokenizer, make_world, write_config  # noqa: E402
 
-TIMING = ("time/", "tokens_per_second", "generate_tokens_per_second")
+TIMING = ("time/", "step_time", "tokens_per_second", "generate_tokens_per_second")
 
 
 @pytest.fixture(scope="module")
