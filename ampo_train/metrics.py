@@ -171,6 +171,9 @@ TRL_NAMES = {
     "sampling/sampling_logp_difference/mean": "rollout/logprob_diff",
     "sampling/sampling_logp_difference/max": "rollout/logprob_diff_max",
 }
+# Keys (prefixes) measured in wall time: the same step run twice gives other values for these
+# only. Tests of resume and of processes vs one process compare everything else.
+WALL_TIME_KEYS = ("time/", "step_time", "tokens_per_second", "generate_tokens_per_second")
 # Guidance under one prefix, beside the names the trainer has always logged.
 GUIDANCE_NAMES = {
     "guidance/comprehension_picked": "comprehension/picked",

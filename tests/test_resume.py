@@ -12,11 +12,10 @@ import torch
 from ampo_common.errors import InputError
 from ampo_train.checkpoint import find_checkpoint
 from ampo_train.config import load_train_config
+from ampo_train.metrics import WALL_TIME_KEYS
 from ampo_train.trainer import train
 from tests.trainer_fixtures import base_config, make_world, write_config
 
-# Keys that depend on wall time; everything else must match step for step.
-TIMING = ("time/", "step_time", "tokens_per_second", "generate_tokens_per_second")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def _params(model):
 
 
 def _stable(metrics):
-    return [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in metrics]
+    return [{k: v for k, v in m.items() if not k.startswith(WALL_TIME_KEYS)} for m in metrics]
 
 
 @pytest.mark.parametrize("variant", ["lora-hybrid", "full-adaptive"])

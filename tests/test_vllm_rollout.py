@@ -18,9 +18,9 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from ampo_train.config import RolloutSettings, load_train_config  # noqa: E402
+from ampo_train.metrics import WALL_TIME_KEYS  # noqa: E402
 from tests.trainer_fixtures import base_config, make_tokenizer, make_world, write_config  # noqa: E402
 
-TIMING = ("time/", "step_time", "tokens_per_second", "generate_tokens_per_second")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_vllm_lora_ampo_run_logs_logprob_diff_and_resumes_exactly(world, tmp_pat
     train(split, until_step=2)
     resumed = train(split, resume=split.output_dir / "checkpoints" / "step-000002")
     # a resumed run's new engine receives the adapter at its first step: bytes moved differ, nothing else
-    stable = lambda m: {k: v for k, v in m.items() if not k.startswith(TIMING + ("rollout/sync_bytes",))}  # noqa: E731
+    stable = lambda m: {k: v for k, v in m.items() if not k.startswith(WALL_TIME_KEYS + ("rollout/sync_bytes",))}  # noqa: E731
     assert stable(resumed.history[-1]) == stable(uninterrupted.history[-1])
     lines = [json.loads(line) for line in (split.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
