@@ -1,7 +1,9 @@
-"""The three layouts trace files come in, each read as the per-trace records the importer verifies.
+"""The layouts trace files come in, each read as the per-trace records the importer verifies.
 
 - ``long``:   one row per trace: problem, answer, teacher, trace (what ``ampo-cache export --format
-              long`` writes, where the trace column is called ``text``; both names are accepted).
+              long`` writes, where the trace column is called ``text``; ``generation`` is accepted
+              too). A file of one teacher's traces may leave out the teacher column and name the
+              teacher with ``--teacher NAME`` (or ``NAME=PATH``).
 - ``nested``: one row per prompt holding a list of traces, as the AMPO reference's dataset
               (``target_lst``: list of ``{content, source, quality_score, role}``) and LUFFY's
               (``target``: list of ``{content}`` or ``{role, content}``; it names no teacher, so the
@@ -9,6 +11,8 @@
 - ``wide``:   one row per prompt with one column per teacher (``--teacher-cols a,b,c`` or a glob;
               by default ``trace_*``); a cell holds the trace text, a struct with it (``content``,
               ``text`` or ``trace``, and optionally ``quality_score``), or null (no trace).
+- ``generations``: one row per problem with a list of one teacher's generations and the publisher's
+              per-generation labels, as OpenR1-Math-220k ships them: ``ampo_cache.generations_layout``.
 
 In nested and wide files the problem is a plain text column (``problem``, ``question``) or a chat
 message list (``prompt``: the content of its last user turn, as in verl files); the ground truth
@@ -36,12 +40,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ampo_common.errors import InputError
-from ampo_cache.readers import column, file_format, read_records, text_field
+from ampo_cache.readers import Readable, ShardedTable, column, file_format, read_records, text_field
 
-LAYOUTS = ("auto", "long", "nested", "wide")
+LAYOUTS = ("auto", "long", "nested", "wide", "generations")
 NESTED_LISTS = ("target_lst", "target")  # the AMPO reference's, then LUFFY's
 DEFAULT_WIDE_PATTERN = "trace_*"
 TRACE_KEYS = ("content", "text", "trace")  # where a struct cell or list item keeps the trace text
+LONG_TRACE_FALLBACKS = ("text", "generation")  # our long export's name; one teacher's file's
 
 # Source fields kept on the traces rows, with the type every shard stores them as.
 EXTRA_COLUMNS = {"quality_score": pa.float64(), "data_source": pa.string(), "index": pa.int64()}
@@ -49,7 +54,8 @@ EXTRA_COLUMNS = {"quality_score": pa.float64(), "data_source": pa.string(), "ind
 EXPECTED = (
     "long (problem, answer, teacher, trace), "
     "nested (prompt or problem, reward_model.ground_truth or answer, target_lst or target), "
-    f"wide (problem, answer, one column per teacher: --teacher-cols a,b,c or {DEFAULT_WIDE_PATTERN})"
+    f"wide (problem, answer, one column per teacher: --teacher-cols a,b,c or {DEFAULT_WIDE_PATTERN}), "
+    "generations (problem, answer, generations: a list of one teacher's texts)"
 )
 
 
@@ -62,6 +68,9 @@ class ParsedTrace:
     text: str
     label: bool | None
     extra: dict = field(default_factory=dict)  # EXTRA_COLUMNS values the source gave
+    finish_reason: str | None = None  # the source's own (generations layout: ``finish_reasons``)
+    sample_idx: int | None = None  # the position the source gave the trace, kept when free
+    labels: dict = field(default_factory=dict)  # publisher label column -> True/False/None (not judged)
 
 
 # ------------------------------------------------------------------ cells shared by the layouts
@@ -160,7 +169,7 @@ class _Layout:
     def parse(self, where: str, record: dict) -> Iterator[ParsedTrace]:
         raise NotImplementedError
 
-    def traces(self, path: str | Path) -> Iterator[ParsedTrace]:
+    def traces(self, path: Readable) -> Iterator[ParsedTrace]:
         for where, record in read_records(path):
             yield from self.parse(where, record)
 
@@ -169,7 +178,7 @@ _TRUE = {"true", "1", "yes", "correct", "t", "y"}
 _FALSE = {"false", "0", "no", "wrong", "incorrect", "f", "n"}
 
 
-def _label(where: str, value, name: str) -> bool:
+def label_value(where: str, value, name: str) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -182,16 +191,22 @@ def _label(where: str, value, name: str) -> bool:
 @dataclass
 class LongLayout(_Layout):
     """Which input column holds what. ``problem`` falls back to ``question`` and ``trace`` to
-    ``text`` (the name in our long export) when left at their defaults."""
+    ``text`` (the name in our long export) or ``generation`` when left at their defaults.
+    ``default_teacher`` names the teacher of rows without a teacher column (a file of one
+    teacher's traces: ``--teacher NAME`` or ``NAME=PATH``)."""
 
     problem: str = "problem"
     answer: str = "answer"
     teacher: str = "teacher"
     trace: str = "trace"
     label: str | None = None
+    default_teacher: str | None = None
     name = "long"
 
     def describe(self) -> str:
+        if self.default_teacher:
+            return (f"long (one row per trace: {self.problem}, {self.answer}, {self.trace}; "
+                    f"teacher: {self.default_teacher!r} where no {self.teacher!r} column)")
         return f"long (one row per trace: {self.problem}, {self.answer}, {self.teacher}, {self.trace})"
 
     def parse(self, where: str, record: dict) -> Iterator[ParsedTrace]:
@@ -203,16 +218,21 @@ def parse_row(where: str, record: dict, layout: LongLayout) -> ParsedTrace:
     if problem_col == "problem" and "problem" not in record and "question" in record:
         problem_col = "question"
     trace_col = layout.trace
-    if trace_col == "trace" and "trace" not in record and "text" in record:
-        trace_col = "text"
+    if trace_col == "trace" and "trace" not in record:
+        trace_col = next((c for c in LONG_TRACE_FALLBACKS if c in record), "trace")
+    problem = text_field(where, column(where, record, problem_col), "problem")
+    answer = text_field(where, column(where, record, layout.answer), "answer").strip()
+    teacher = layout.default_teacher
+    if layout.teacher in record or not teacher:
+        teacher = text_field(where, column(where, record, layout.teacher), "teacher")
     extra = _with_quality(where, row_extras(where, record), record.get("quality_score"))
     return ParsedTrace(
         where=where,
-        problem=text_field(where, column(where, record, problem_col), "problem"),
-        answer=text_field(where, column(where, record, layout.answer), "answer").strip(),
-        teacher=text_field(where, column(where, record, layout.teacher), "teacher").strip(),
+        problem=problem,
+        answer=answer,
+        teacher=teacher.strip(),
         text=text_field(where, column(where, record, trace_col), "trace", allow_empty=True),
-        label=None if layout.label is None else _label(where, column(where, record, layout.label), layout.label),
+        label=None if layout.label is None else label_value(where, column(where, record, layout.label), layout.label),
         extra=extra,
     )
 
@@ -282,8 +302,11 @@ class WideLayout(_Layout):
 # ------------------------------------------------------------------ detection
 
 
-def file_columns(path: str | Path) -> list[str]:
-    """Column names: the Parquet schema, or the first row of a JSONL/CSV file (empty if none)."""
+def file_columns(path: Readable) -> list[str]:
+    """Column names: the Parquet schema (a sharded table's first shard's), or the first row of a
+    JSONL/CSV file (empty if none)."""
+    if isinstance(path, ShardedTable):
+        path = path.files[0]
     path = Path(path)
     if file_format(path) == "parquet":
         try:
@@ -317,7 +340,7 @@ def teacher_columns(columns: list[str], spec: str) -> dict[str, str]:
 
 
 def resolve_layout(
-    path: str | Path,
+    path: Readable,
     layout: str = "auto",
     *,
     problem_col: str = "problem",
@@ -328,12 +351,20 @@ def resolve_layout(
     teacher: str | None = None,
     teacher_cols: str | None = None,
 ):
-    """The layout to read ``path`` with: the one asked for, or (``auto``) the one its columns show."""
+    """The layout to read ``path`` with: the one asked for, or (``auto``) the one its columns show.
+
+    ``path`` is a file or a ``ShardedTable`` (a dataset folder's split). ``teacher`` names the
+    teacher of traces that name none (LUFFY's ``target``, a long file without a teacher column, the
+    generations layout)."""
+    # Imported here: the generations layout builds on this module's cells and base class.
+    from ampo_cache.generations_layout import GENERATIONS, generations_layout
+
     if layout not in LAYOUTS:
         raise InputError("--layout", f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     columns = file_columns(path)
     listed = ", ".join(columns) or "none"
-    long = LongLayout(problem=problem_col, answer=answer_col, teacher=teacher_col, trace=trace_col, label=label_col)
+    long = LongLayout(problem=problem_col, answer=answer_col, teacher=teacher_col, trace=trace_col, label=label_col,
+                      default_teacher=teacher)
     if layout == "long" or (layout == "auto" and not columns):
         return long
     nested_col = next((c for c in NESTED_LISTS if c in columns), None)
@@ -354,16 +385,24 @@ def resolve_layout(
                                         f"(columns found: {listed})")
         return WideLayout(columns=wide, problem=problem_col, answer=answer_col)
 
+    def one_teacher_lists():
+        return generations_layout(path, columns, teacher=teacher, label_cols=label_col, problem_col=problem_col,
+                                  answer_col=answer_col)
+
     if layout == "nested":
         return nested_layout()
     if layout == "wide":
         return wide_layout()
+    if layout == "generations":
+        return one_teacher_lists()
     # auto: what the columns show, the most specific sign first
     if teacher_cols:
         return wide_layout()
-    has_trace = trace_col in columns or (trace_col == "trace" and "text" in columns)
-    if teacher_col in columns and has_trace:
+    has_trace = trace_col in columns or (trace_col == "trace" and any(c in columns for c in LONG_TRACE_FALLBACKS))
+    if has_trace and (teacher_col in columns or teacher):
         return long  # before nested: a long file may well have a column called `target`
+    if GENERATIONS in columns:
+        return one_teacher_lists()
     if nested_col is not None:
         return nested_layout()
     if wide:

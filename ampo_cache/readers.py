@@ -3,14 +3,19 @@
 Records stream one at a time, so a file far larger than memory can be checked and imported. Any
 defect (not UTF-8, malformed JSON, a line that is not an object, an unreadable Parquet file) raises
 InputError naming the file and the line.
+
+A ``ShardedTable`` (the Parquet shards of one split of a dataset repository, found by
+``ampo_cache.inputs.dataset_shards``) reads as one table: its shards in order, each record placed
+in its own shard ("SHARD: row N", counted within the shard).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 import pyarrow.parquet as pq
 
@@ -19,6 +24,25 @@ from ampo_common.errors import InputError
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 Record = tuple[str, dict]
+
+# Rows decoded to Python at a time: public trace sets hold ~50 KB of text per row, so a larger
+# batch costs memory and buys no speed.
+_PARQUET_BATCH_ROWS = 512
+
+
+@dataclass(frozen=True)
+class ShardedTable:
+    """The shards of one table, read in order as one; ``name`` says which (for messages and ``origin``)."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    name: str
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+
+Readable = Union[str, Path, ShardedTable]
 
 
 def file_format(path: Path) -> str:
@@ -72,7 +96,7 @@ def _parquet(path: Path) -> Iterator[Record]:
     except Exception as exc:  # noqa: BLE001
         raise InputError(str(path), f"not a readable Parquet file ({exc})") from None
     row = 0
-    for batch in parquet.iter_batches(batch_size=4096):
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
         for record in batch.to_pylist():
             yield f"{path}: row {row}", record
             row += 1
@@ -97,6 +121,13 @@ def text_field(where: str, value, name: str, allow_empty: bool = False) -> str:
     return text
 
 
-def read_records(path: str | Path) -> Iterator[Record]:
+def _shards(table: ShardedTable) -> Iterator[Record]:
+    for path in table.files:
+        yield from _parquet(path)
+
+
+def read_records(path: Readable) -> Iterator[Record]:
+    if isinstance(path, ShardedTable):
+        return _shards(path)
     path = Path(path)
     return {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[file_format(path)](path)

@@ -8,9 +8,8 @@
                             the same layout from DeepSpeed's ZeRO partitions, ampo_train/zero.py):
                             tensors, numbers, lists and dicts (torch.save), read back with
                             torch.load(weights_only=True); the same file under every layout
-        scheduler.json      the LR scheduler's state_dict (JSON)
-        rng.json            per process (JSON): python, numpy, torch (CPU and CUDA) and the guidance
-                            generator
+        scheduler.json      the LR schedule's state_dict (JSON: the updates applied)
+        rng.json            per process (JSON): python, numpy, torch (CPU and CUDA) generators
         trainer_state.json  checkpoint_format, step, data position, world size, the resolved config;
                             written last
 
@@ -18,14 +17,14 @@ Why these formats: checkpoint folders get shared (a colleague's run, a downloade
 unpickling runs whatever code the pickle names. So resuming unpickles nothing except through
 torch's weights-only loader, which builds only tensors and plain containers and refuses every other
 class; no class is allow-listed (AdamW's state needs none). The rest is JSON, which cannot name code:
-- scheduler.json: transformers' ``get_scheduler`` (constant, constant_with_warmup, linear, cosine)
-  returns a ``LambdaLR`` whose state_dict holds counters, learning rates and, per lambda, ``None``
-  (a plain function) or the ``__dict__`` of a ``functools.partial`` (empty): plain data.
+- scheduler.json: ``schedule.UpdateSchedule``'s state_dict: the updates applied and the base
+  learning rates (an older checkpoint's ``LambdaLR`` state is read too: its ``last_epoch``).
 - rng.json: Python's Mersenne Twister state (``random.getstate()``: version, 625 ints, the cached
-  gauss value; the same for the guidance ``random.Random``), NumPy's (``np.random.get_state()``:
+  gauss value; older checkpoints also hold a guidance ``random.Random``, now unused), NumPy's (``np.random.get_state()``:
   624 uint32 keys, position, cached gaussian), and torch's generator states (byte tensors) as hex
   strings. Ints are exact in JSON and Python writes floats with ``repr``, so every state comes back
-  bit for bit and the resumed run draws exactly what the uninterrupted one would.
+  bit for bit. (Rollouts and guidance draw from streams seeded by step and prompt, ``seeds.RoundSeeds``,
+so a resumed run draws what the uninterrupted one would whatever these hold.)
 - model/ must hold no pickled weight file (``*.bin``, ``*.pt``...): ``save_pretrained`` writes
   safetensors here, so such a file can only come from someone else and is refused.
 ``rng_state`` returns this JSON-ready form (it travels through accelerate's ``gather_object``) and
@@ -113,13 +112,12 @@ def _hex_to_bytes(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8).clone()
 
 
-def rng_state(guidance_rng: random.Random) -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """This process's random generators as JSON-ready plain data (see the module docstring)."""
     state = {
         "python": _twister_to_json(random.getstate()),
         "numpy": _numpy_to_json(np.random.get_state()),
         "torch": _bytes_to_hex(torch.get_rng_state()),
-        "guidance": _twister_to_json(guidance_rng.getstate()),
     }
     if torch.cuda.is_available():
         state["cuda"] = [_bytes_to_hex(s) for s in torch.cuda.get_rng_state_all()]
@@ -132,8 +130,9 @@ def _decode_rng(state: dict[str, Any]) -> dict[str, Any]:
         "python": _twister_from_json(state["python"]),
         "numpy": _numpy_from_json(state["numpy"]),
         "torch": _hex_to_bytes(state["torch"]),
-        "guidance": _twister_from_json(state["guidance"]),
     }
+    if "guidance" in state:  # written by versions whose guidance drew from one stream per process
+        native["guidance"] = _twister_from_json(state["guidance"])
     if "cuda" in state:
         if not isinstance(state["cuda"], list):
             raise ValueError("cuda: expected a list of hex strings")
@@ -141,13 +140,14 @@ def _decode_rng(state: dict[str, Any]) -> dict[str, Any]:
     return native
 
 
-def restore_rng(state: dict[str, Any], guidance_rng: random.Random) -> None:
-    """Set this process's generators to ``state`` (one entry of ``LoadedCheckpoint.rng_states``)."""
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set this process's generators to ``state`` (one entry of ``LoadedCheckpoint.rng_states``).
+    Rollouts and guidance draw from streams seeded per step (``seeds.RoundSeeds``), so these only
+    matter to code that uses the global generators."""
     native = _decode_rng(state)
     random.setstate(native["python"])
     np.random.set_state(native["numpy"])
     torch.set_rng_state(native["torch"])
-    guidance_rng.setstate(native["guidance"])
     if "cuda" in native and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(native["cuda"])
 
@@ -160,15 +160,16 @@ def _check_rng_states(states: Any, where: Path) -> None:
     for rank, state in enumerate(states):
         try:
             if not isinstance(state, dict):
-                raise TypeError("expected an object with python, numpy, torch and guidance states")
+                raise TypeError("expected an object with python, numpy and torch states")
             native = _decode_rng(state)
             random.Random().setstate(native["python"])
-            random.Random().setstate(native["guidance"])
+            if "guidance" in native:
+                random.Random().setstate(native["guidance"])
             np.random.RandomState().set_state(native["numpy"])
             torch.Generator().set_state(native["torch"])
         except KeyError as exc:
-            raise InputError(str(where), f"process {rank}: missing {exc.args[0]!r} (expected python, numpy, "
-                             "torch and guidance states)") from None
+            raise InputError(str(where), f"process {rank}: missing {exc.args[0]!r} (expected python, numpy "
+                             "and torch states)") from None
         except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
             raise InputError(str(where), f"process {rank}: not a valid RNG state ({_first_line(exc)})") from None
 

@@ -10,13 +10,13 @@ helper ``score_candidates``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from ampo_cache.boxed import last_box
-from ampo_train.config import RankKind, ScoreKind
+from ampo_train.config import ScoreKind
 from ampo_train.forward import device_of, eval_mode, final_hidden, lm_head
 from ampo_train.lm_head import DEFAULT_CHUNK_SIZE, chunked_logprobs
 
@@ -111,8 +111,8 @@ def trace_likelihood_score(token_logprobs: Tensor, mask: Tensor | None = None) -
 class Scoring:
     """How ``score_candidates`` scores (the trainer's comes from ``GuidanceSettings`` and the policy)."""
 
-    rank: RankKind = "comprehension"  # comprehension: the answer tokens' score of `kind`; trace_likelihood:
-    #                                   mean log-prob of the unmodified trace
+    scored: Literal["answer", "trace"] = "answer"  # answer: the ground-truth answer tokens' score of `kind`
+    #                                   (comprehension); trace: mean log-prob of the unmodified trace
     kind: ScoreKind = "mean_prob"
     temperature: float = 1.0  # the rollout temperature (logits are divided by it)
     max_response_tokens: int | None = None  # cut each trace here first (the injection limit): an answer beyond it
@@ -137,11 +137,11 @@ def _scored_row(tokenizer, text: str, answer: str, scoring: Scoring) -> _ScoredR
     """One candidate as tokens and the mask of its scored tokens (cut after the last answer token
     for comprehension: a causal model's logits there cannot depend on what follows)."""
     limit = scoring.max_response_tokens
-    if scoring.rank == "trace_likelihood":
+    if scoring.scored == "trace":
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:limit]
         return (ids, [True] * len(ids)) if ids else None
-    if scoring.rank != "comprehension":
-        raise ValueError(f"unknown rank {scoring.rank!r}")
+    if scoring.scored != "answer":
+        raise ValueError(f"unknown scoring target {scoring.scored!r}")
     new_text, span = with_ground_truth(text, answer)
     if span is None:
         return None
@@ -202,7 +202,7 @@ def score_candidates(model, tokenizer, prompt: str | list[dict], trace_texts: Se
     """
     prompt_ids = _rendered(tokenizer, prompt)
     rows = [_scored_row(tokenizer, text, answer, scoring) for text in trace_texts]
-    empty = _empty_score(scoring.kind) if scoring.rank == "comprehension" else float("-inf")
+    empty = _empty_score(scoring.kind) if scoring.scored == "answer" else float("-inf")
     live = [row for row in rows if row is not None]
     if not live:
         return [empty] * len(rows)
@@ -214,7 +214,7 @@ def score_candidates(model, tokenizer, prompt: str | list[dict], trace_texts: Se
             scores.append(empty)
             continue
         row_lp = next(scored)
-        if scoring.rank == "comprehension":
+        if scoring.scored == "answer":
             scores.append(comprehension_score(row_lp, torch.ones_like(row_lp, dtype=torch.bool), scoring.kind))
         else:
             scores.append(trace_likelihood_score(row_lp))

@@ -28,8 +28,6 @@ from ampo_common.yamlconfig import load_yaml_model
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 # The allowed values of the method's switches, written once (the pure modules import them).
-GuidanceMode = Literal["adaptive", "always", "hybrid", "off"]
-RankKind = Literal["comprehension", "trace_likelihood", "random"]
 ScoreKind = Literal["mean_prob", "mean_logp", "prob", "geo_mean_prob"]
 AggregationMode = Literal["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"]
 TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
@@ -74,7 +72,9 @@ class RolloutSettings(_Section):
     top_k: int = Field(0, ge=0, description="Top-k cut (0 = none).")
     max_new_tokens: int = Field(512, gt=0, description="Most tokens generated per response (the EOS included).")
     batch_size: Optional[int] = Field(
-        None, ge=1, description="Prompts per generate call on one process (each yields G sequences); null = all at once.")
+        None, ge=1, description="Prompts per generate call on one process (each yields G sequences); null = all at once. "
+        "Each call samples from its own seeded stream: set it to divide mini_batch_prompts / processes and a run "
+        "samples the same on any number of processes.")
     is_correction: Optional[Literal["tis"]] = Field(
         None, description="tis: weight each rollout token's loss by min(exp(trainer log-prob - engine log-prob), "
         "is_cap) (truncated importance sampling, as verl and OpenRLHF), correcting for an engine whose numerics "
@@ -95,8 +95,6 @@ class RewardSettings(_Section):
         ">= `repetition_count` times (the reference's rule).")
     repetition_window: int = Field(10, ge=1, description="Words per window for the repetition penalty.")
     repetition_count: int = Field(10, ge=2, description="Occurrences of one window that trigger the penalty.")
-    correct_threshold: float = Field(
-        0.5, description="A response counts as correct for guidance when its reward exceeds this.")
     verify_timeout: float = Field(5.0, gt=0, description="Seconds allowed to verify one response (math-verify pool).")
     verify_workers: int = Field(
         0, ge=0, description="math-verify worker processes; 0 = in-process (fine for plain-number answers, which "
@@ -121,13 +119,22 @@ class PrefixSettings(_Section):
 class GuidanceSettings(_Section):
     """Guidance on demand: when cached teacher traces replace failed rollouts (AMPO.md steps 3-4)."""
 
-    mode: GuidanceMode = Field(
-        "adaptive", description="adaptive: prompts whose G rollouts are all wrong; always: every prompt; hybrid: "
-        "all-wrong plus `hybrid_fraction` of the others; off: plain GRPO (same code path).")
+    mode: str = Field(
+        "adaptive", description="The trigger rule (ampo_train.guidance.TRIGGERS): which prompts get traces, and how "
+        "many. adaptive (alias all_wrong): prompts whose G rollouts are all wrong get k traces (the paper); "
+        "pass_threshold: fewer than `pass_num` of G correct, k traces (the reference's pass_num); adaptive_k: fewer "
+        "than G/2 correct, int(G/2 - correct) traces (the reference's use_adaptive_k, 2026-03); always: every prompt; "
+        "hybrid: all-wrong plus `hybrid_fraction` of the others; off: plain GRPO (same code path). Every rule reads "
+        "the verifier's verdicts, never the shaped reward.")
+    pass_num: int = Field(
+        4, ge=1, description="pass_threshold: a prompt is guided when fewer than this many of its G rollouts are "
+        "correct (the reference's pass_num; its run script: 4 of 8).")
     k: int = Field(2, ge=1, description="Teacher traces injected per guided prompt (effective k = min(k, candidates)).")
     max_candidates: int = Field(4, ge=1, description="Cached traces considered per prompt: one per teacher first, shortest first.")
-    rank: RankKind = Field(
-        "comprehension", description="How candidates are ordered before the top k are kept.")
+    rank: str = Field(
+        "comprehension", description="The ranking rule (ampo_train.guidance.RANKINGS) that orders candidates before "
+        "the top k are kept: comprehension (the student's probability of the ground truth after the trace), "
+        "trace_likelihood (its mean log-prob of the whole trace), random.")
     score: ScoreKind = Field(
         "mean_prob", description="Comprehension score over the ground-truth answer tokens (mean_prob = the "
         "reference's mean_exp_log_softmax).")
@@ -135,11 +142,12 @@ class GuidanceSettings(_Section):
         False, description="Also score the bare answer after the prompt (no reasoning) and log picked score minus it.")
     hybrid_fraction: float = Field(0.3, ge=0, le=1, description="hybrid mode: probability of guiding a prompt that was solved.")
     teacher_reward: float = Field(1.0, description="Reward given to an injected (verified) teacher trace.")
-    replace: Literal["wrong_first", "wrong_only"] = Field(
-        "wrong_first", description="always/hybrid, when a group has fewer wrong rollouts than picked traces: "
-        "wrong_first replaces every wrong rollout, then correct ones, so all k traces go in; wrong_only injects "
-        "min(k, wrong) traces and none into an all-correct group (the reference's behaviour). Adaptive guidance "
-        "only fires on all-wrong groups, where both are the same.")
+    replace: Optional[Literal["wrong_first", "wrong_only"]] = Field(
+        None, description="When a guided group has fewer wrong rollouts than picked traces: wrong_first replaces "
+        "every wrong rollout, then correct ones, so all k traces go in; wrong_only injects min(k, wrong) traces and "
+        "none into an all-correct group (the reference's behaviour). null = the rule's own: wrong_only for adaptive, "
+        "pass_threshold and adaptive_k (which never replace a correct rollout; wrong_first is refused with the last "
+        "two), wrong_first for always and hybrid.")
     max_target_length: Optional[int] = Field(
         None, gt=0, description="Teacher traces are cut to this many student tokens (EOS included); null = "
         "rollout.max_new_tokens.")
@@ -151,6 +159,14 @@ class GuidanceSettings(_Section):
     def _yaml_off(cls, value):
         # YAML 1.1 reads a bare `off` as the boolean false.
         return "off" if value is False else value
+
+    @field_validator("mode", "rank")
+    @classmethod
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        from ampo_train import guidance  # the registries (guidance imports this module)
+
+        (guidance.trigger_rule if info.field_name == "mode" else guidance.check_ranking)(value)
+        return value
 
 
 class LossSettings(_Section):
@@ -271,6 +287,11 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (reference: 0.1).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    adam_fused: bool = Field(
+        True, description="AdamW's fused kernel (transformers' default optim adamw_torch_fused): one ATen kernel per "
+        "update, faster on GPUs, and its square root is exact, so a CPU run gives the same numbers on Intel and AMD "
+        "(torch's foreach AdamW takes MKL's vector sqrt, which differs by vendor: tinyworld.determinism); false = "
+        "torch's foreach implementation.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping by global norm; null = off.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule over all optimizer updates.")
     warmup_steps: int = Field(0, ge=0, description="Warm-up, in optimizer updates (reference: 0).")
@@ -289,6 +310,13 @@ class TrainConfig(BaseModel):
         256, ge=1, description="Positions whose LM-head logits exist at once (log-probs, entropy, comprehension; forward "
         "and backward): about 3 x chunk x vocab x 4 bytes (0.4 GiB at 256 x 152k). On a CPU raised to 2**24 / vocab. "
         "On a large GPU, 1024 was 7-8% faster at 8k-token responses for 0.6-0.8 GiB more (docs/performance.md).")
+    logprob_kernel: Literal["auto", "chunked", "fused"] = Field(
+        "auto", description="How every pass through the LM head (update, old and reference log-probs, comprehension) "
+        "turns hidden states into log-probs and entropy. chunked: `logit_chunk_size` positions at a time in PyTorch, any "
+        "device and any head; fused: a Triton kernel over [2048 x 32768] logits tiles with no float32 copy of them "
+        "(CUDA, a plain nn.Linear head; an error where it cannot run); auto: fused on CUDA when triton imports and the "
+        "head is a plain Linear, else chunked (the CPU, a LoRA-wrapped head, FSDP2/ZeRO-3's head in the forward). "
+        "docs/memory.md.")
     cpu: Optional[bool] = Field(None, description="Force CPU; null = CPU when no CUDA device is present.")
     seed: int = Field(0, description="Seeds model init, prompt order, sampling and guidance draws.")
 
@@ -305,6 +333,10 @@ class TrainConfig(BaseModel):
     keep_checkpoints: Optional[int] = Field(2, ge=1, description="Keep the newest N checkpoints; null = all.")
     save_merged: bool = Field(False, description="LoRA: also save the merged full model under final/merged/.")
     log_every: int = Field(1, ge=1, description="Console progress line every N steps (metrics.jsonl gets every step).")
+    entropy_every: Optional[int] = Field(
+        1, ge=1, description="Without an entropy bonus (loss.entropy_coef 0) the `entropy` metric costs a pass over "
+        "the logits: compute it every N steps only (null on the other steps); null = never. With a bonus it is "
+        "computed (and logged) every step.")
     report_to: Optional[list[TrackerName] | Literal["all", "none"]] = Field(
         None, description="Experiment trackers, through Accelerate's: a list of tensorboard, wandb, trackio, mlflow, "
         "comet_ml, aim, clearml, dvclive; all (every installed one); none. null = tensorboard when it is installed. "
@@ -348,6 +380,9 @@ class TrainConfig(BaseModel):
         from ampo_cache.model_folder import check_model_folder
 
         local = resolve_path(value, info)
+        if _planning(info):  # `ampo-train plan`: a folder of shapes only (config.json), or none, is reported there
+            hub_id = not value.startswith(("/", ".", "~")) and _HUB_ID.match(value)
+            return str(local.resolve()) if local.exists() or not hub_id else value
         if local.exists():  # checked now (small files only): a corrupt folder fails here, not mid-load
             try:
                 check_model_folder(local, weights=info.field_name == "student", tokenizer=info.field_name == "tokenizer")
@@ -360,19 +395,22 @@ class TrainConfig(BaseModel):
 
     @field_validator("prompts")
     @classmethod
-    def _prompts_exist(cls, value: Path) -> Path:
-        if not value.is_file():
+    def _prompts_exist(cls, value: Path, info: ValidationInfo) -> Path:
+        if not value.is_file() and not _planning(info):
             raise ValueError(f"no prompts file at {value}")
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self, info: ValidationInfo) -> "TrainConfig":
         if self.guidance.k > self.group_size:
             raise ValueError(f"guidance.k ({self.guidance.k}) cannot exceed group_size ({self.group_size})")
+        from ampo_train.guidance import check_guidance
+
+        check_guidance(self.guidance, self.group_size)
         mini = self.mini_batch_prompts or self.prompts_per_step
         if self.prompts_per_step % mini:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_prompts ({mini})")
-        if self.store is not None and self.guidance.mode != "off" and not self.store.is_dir():
+        if self.store is not None and self.guidance.mode != "off" and not self.store.is_dir() and not _planning(info):
             raise ValueError(f"no trace store at {self.store} (build one with `ampo-cache build`, or set store: null)")
         if self.guidance.prefix is not None and self.guidance.mode == "off":
             raise ValueError("guidance.prefix cuts the traces guidance injects: it needs guidance.mode adaptive, "
@@ -445,15 +483,24 @@ def _apply(data: dict, parts: list[str], value: Any, item: str) -> None:
     node[parts[-1]] = value
 
 
-def load_train_config(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None) -> TrainConfig:
+def _planning(info: ValidationInfo) -> bool:
+    """Validation for `ampo-train plan` (``load_train_config(..., planning=True)``): files and model
+    folders the config names need not exist on this machine (the plan reports them as rows)."""
+    return bool((info.context or {}).get("planning"))
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None,
+                      planning: bool = False) -> TrainConfig:
     """The config from a YAML file (or ``base``, a saved config's dict) with KEY=VALUE overrides.
 
     Errors name their place: ``train.yaml:12: guidance.k: Input should be ...`` for the file,
-    ``command line: 'guidance.k=x': Input should be ...`` for an override.
+    ``command line: 'guidance.k=x': Input should be ...`` for an override. ``planning``: the prompts
+    file, the store and the model folders need not exist (``ampo-train plan``).
     """
+    flags = {"planning": True} if planning else {}
     edits = parse_overrides(overrides)
     if path is not None and not edits:
-        return load_yaml_model(path, TrainConfig)
+        return load_yaml_model(path, TrainConfig, **flags)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -461,12 +508,12 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = (), ba
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError:
-            return load_yaml_model(path, TrainConfig)  # reports the syntax error with its line
+            return load_yaml_model(path, TrainConfig, **flags)  # reports the syntax error with its line
         if not isinstance(data, dict):
             raise InputError(str(path), "expected a mapping of keys at the top level")
-        context = {"base_dir": path.parent.resolve()}
+        context = {"base_dir": path.parent.resolve(), **flags}
     else:
-        data, context = dict(base or {}), {}
+        data, context = dict(base or {}), dict(flags)
     for parts, value, item in edits:
         _apply(data, parts, value, item)
     try:
@@ -482,7 +529,7 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = (), ba
                 raise InputError("command line", f"{item!r}: {problem}") from None
         if path is not None:
             try:
-                load_yaml_model(path, TrainConfig)
+                load_yaml_model(path, TrainConfig, **flags)
             except InputError as file_error:
                 if message in str(file_error):  # the file alone is wrong in the same way: report it with its line
                     raise

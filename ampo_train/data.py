@@ -85,25 +85,46 @@ def teacher_response_ids(tokenizer, text: str, max_length: int) -> list[int]:
     return ids[:max_length]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
-    """One response to one prompt: an on-policy rollout or an injected teacher trace."""
+    """One response to one prompt, as the loss sees it: an on-policy rollout, an injected teacher
+    trace, or (prefix guidance) a trace's prefix continued by the student. Made once, complete, by
+    ``sampling.build_rows``; nothing writes into it afterwards (the sampling-time and reference
+    log-probs travel beside the rows: ``update.RowLogprobs``)."""
 
     prompt_ids: Sequence[int]
     response_ids: list[int]
-    reward: float
+    reward: float  # the shaped reward the advantage is computed from (teacher traces: teacher_reward)
+    correct: bool = False  # the verifier's verdict (teacher traces: verified correct)
     is_teacher: bool = False
     teacher: str | None = None  # the teacher's name for injected rows
     finished: bool = True  # ended with EOS (rollouts cut at max_new_tokens are not)
     advantage: float = 0.0
-    old_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], sampling-time log-probs
-    ref_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], reference policy (KL)
     engine_logp: Tensor | None = field(default=None, repr=False)  # [len(response_ids)], the rollout engine's
     # Prefix guidance: the first prefix_len response tokens are a teacher's, the rest the student's
     # continuation; the prefix is trained as teacher tokens (prefix_in_loss) or is context only.
     prefix_len: int = 0
     prefix_in_loss: bool = False
     in_loss: bool = True  # False: every token masked out of the loss (overlong.filter on a truncated rollout)
+
+    def loss_mask(self) -> list[bool]:
+        """Which response tokens the loss trains (the same rule ``collate`` pads into ``response_mask``)."""
+        n = len(self.response_ids)
+        if not self.in_loss:
+            return [False] * n
+        context = 0 if (self.is_teacher or self.prefix_in_loss) else self.prefix_len
+        return [False] * context + [True] * (n - context)
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens of this row the loss trains: the normaliser of every token mean counts these."""
+        return sum(self.loss_mask())
+
+    def sampled_mask(self) -> list[bool]:
+        """The tokens the engine sampled and the loss trains (``rollout/logprob_diff`` compares these)."""
+        if self.is_teacher:
+            return [False] * len(self.response_ids)
+        return [m and j >= self.prefix_len for j, m in enumerate(self.loss_mask())]
 
 
 @dataclass
@@ -137,8 +158,10 @@ def row_lengths(rows: Sequence[Row]) -> list[tuple[int, int]]:
     return [(len(r.prompt_ids), len(r.response_ids)) for r in rows]
 
 
-def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
-    """Pad rows to ``[N, P + R]`` (prompts left, responses right)."""
+def collate(rows: Sequence[Row], pad_id: int, old_logp: Sequence[Tensor] | None = None,
+            ref_logp: Sequence[Tensor] | None = None) -> RowBatch:
+    """Pad rows to ``[N, P + R]`` (prompts left, responses right); ``old_logp`` / ``ref_logp``: each
+    row's sampling-time / reference log-probs, in row order (``update.RowLogprobs``), or None."""
     n = len(rows)
     p = max(len(r.prompt_ids) for r in rows)
     r_width = max(max(len(r.response_ids) for r in rows), 1)
@@ -147,8 +170,6 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
     response_ids = torch.full((n, r_width), pad_id, dtype=torch.long)
     response_mask = torch.zeros((n, r_width), dtype=torch.bool)
     teacher_tokens = torch.zeros((n, r_width), dtype=torch.bool)
-    old = torch.zeros((n, r_width)) if all(r.old_logp is not None for r in rows) else None
-    ref = torch.zeros((n, r_width)) if all(r.ref_logp is not None for r in rows) else None
     rollouts = [r for r in rows if not r.is_teacher]
     engine = torch.zeros((n, r_width)) if rollouts and all(r.engine_logp is not None for r in rollouts) else None
     for i, row in enumerate(rows):
@@ -157,16 +178,11 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
         input_ids[i, p:p + lr] = torch.as_tensor(row.response_ids, dtype=torch.long)
         attention[i, p - lp:p + lr] = 1
         response_ids[i, :lr] = torch.as_tensor(row.response_ids, dtype=torch.long)
-        response_mask[i, :lr] = row.in_loss
+        response_mask[i, :lr] = torch.as_tensor(row.loss_mask(), dtype=torch.bool)
         if row.is_teacher:
             teacher_tokens[i] = True
         elif row.prefix_len:
             teacher_tokens[i, :row.prefix_len] = row.prefix_in_loss
-            response_mask[i, :row.prefix_len] &= row.prefix_in_loss
-        if old is not None:
-            old[i, :lr] = row.old_logp
-        if ref is not None:
-            ref[i, :lr] = row.ref_logp
         if engine is not None and not row.is_teacher:
             engine[i, :lr] = row.engine_logp
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -179,11 +195,20 @@ def collate(rows: Sequence[Row], pad_id: int) -> RowBatch:
         is_teacher=torch.tensor([r.is_teacher for r in rows], dtype=torch.bool),
         teacher_tokens=teacher_tokens,
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
-        old_logp=old,
-        ref_logp=ref,
+        old_logp=_padded(old_logp, rows, r_width),
+        ref_logp=_padded(ref_logp, rows, r_width),
         engine_logp=engine,
         prompt_width=p,
     )
+
+
+def _padded(values: Sequence[Tensor] | None, rows: Sequence[Row], width: int) -> Tensor | None:
+    if values is None:
+        return None
+    out = torch.zeros((len(rows), width))
+    for i, (row, v) in enumerate(zip(rows, values)):
+        out[i, :len(row.response_ids)] = v
+    return out
 
 
 class PromptSampler:
@@ -233,7 +258,10 @@ class PromptSampler:
         self._order = self._permutation(self.epoch)
 
 
-def rank_slice(items: Sequence, rank: int, world: int) -> list:
-    """This process's contiguous share of a global batch (the batch size divides by ``world``)."""
-    share = len(items) // world
-    return list(items[rank * share:(rank + 1) * share])
+def rank_positions(count: int, rank: int, world: int, per_update: int) -> list[int]:
+    """The positions, in a step's ``count`` prompts, that process ``rank`` of ``world`` takes: its
+    share of every optimizer update's ``per_update`` prompts (contiguous when the step makes one
+    update). So an update trains on the same prompts whatever the process count, as one process
+    would (``per_update`` and ``count`` divide by ``world``)."""
+    share = per_update // world
+    return [block + rank * share + i for block in range(0, count, per_update) for i in range(share)]

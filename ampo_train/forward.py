@@ -5,7 +5,8 @@ A causal LM's logits are ``[rows, positions, vocabulary]``: at Qwen's vocabulary
 only the log-prob of one token per position (and the entropy), so the model runs with
 ``logits_to_keep=1`` (its own head on one position), the decoder's output (the normed input of the
 LM head) is taken on the way, and the head is then applied a chunk of positions at a time by
-``lm_head.chunked_logprobs``, forward and backward.
+``lm_head.chunked_logprobs``, forward and backward (on CUDA, a plain head through the fused Triton
+kernel of ``ampo_train.fused_logprob``: TrainConfig ``logprob_kernel``).
 
 The forward goes through the model object it is given, so a DDP wrapper's hooks (gradient
 all-reduce) and a peft adapter apply as usual; the head is the unwrapped model's
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ampo_train.data import RowBatch
-from ampo_train.lm_head import DEFAULT_CHUNK_SIZE, chunked_logprobs
+from ampo_train.lm_head import DEFAULT_CHUNK_SIZE, HeadPass, LogprobKernel, head_logprobs
 from ampo_train.loss import token_entropy, token_logprobs
 
 
@@ -73,11 +74,13 @@ def final_hidden(model, input_ids: Tensor, attention_mask: Tensor | None = None,
 
 
 def response_logprobs(model, mb: RowBatch, temperature: float, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-                      with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                      with_entropy: bool = False, kernel: LogprobKernel = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """``[N, R]`` float32 log-probs of the response tokens (and their entropy), 0 on padding.
 
     Response token j is predicted at column P + j - 1: the hidden states at the last R + 1
-    columns but the final one. Only the response mask's positions go through the head.
+    columns but the final one. Only the response mask's positions go through the head, by the
+    ``kernel`` path (``lm_head.select_logprob_kernel``: auto, chunked or fused). With
+    ``with_entropy=False`` nothing of the entropy is computed.
     ``chunk_size=None``: the model's own head inside its forward (``[N, R, V]`` logits). FSDP2
     needs that for a pass with gradients: the head's sharded parameters are gathered, and their
     gradients reduced, only around the root module's own forward and backward.
@@ -93,8 +96,8 @@ def response_logprobs(model, mb: RowBatch, temperature: float, chunk_size: int |
             return logp
         return logp, torch.where(mb.response_mask, token_entropy(logits, temperature), 0.0)
     hidden = final_hidden(model, mb.input_ids, mb.attention_mask, mb.position_ids)[:, -(r + 1):-1]
-    return chunked_logprobs(hidden, lm_head(model), mb.response_ids, temperature, chunk_size=chunk_size,
-                            with_entropy=with_entropy, mask=mb.response_mask)
+    return head_logprobs(hidden, lm_head(model), mb.response_ids, HeadPass(temperature, chunk_size, with_entropy, kernel),
+                         mask=mb.response_mask)
 
 
 @contextlib.contextmanager

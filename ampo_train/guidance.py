@@ -1,79 +1,154 @@
-"""Guidance on demand: which prompts get teacher traces, which traces, and which rollouts they replace.
+"""Guidance on demand, the pure parts: which prompts get teacher traces and how many (trigger
+rules), which cached traces are candidates, how they are ordered (ranking rules), and which
+rollouts they replace.
 
-Pure Python on small inputs (one prompt's G rewards, a handful of cached traces); no model.
-The trainer composes, per prompt (``cfg`` is ``ampo_train.config.GuidanceSettings``, where each
-setting and its reference default is documented):
+Pure Python on small inputs (one prompt's G verdicts, a handful of cached traces); no model. Two
+registries, each a table from a name (train.yaml's ``guidance.mode`` and ``guidance.rank``) to a
+rule; adding a rule is one function and one name:
 
-    needs = needs_guidance(rewards[B, G], cfg.mode, rng, cfg.hybrid_fraction)
-    for each prompt b with needs[b]:
-        cands = candidate_traces(index.lookup([pid])[pid], cfg.max_candidates)
-        scores = comprehension.score_candidates(...)          # or None for rank="random"
-        picked = [cands[i] for i in rank_candidates(scores, lengths, cfg.k, cfg.rank, rng)]
-        positions, rewards[b] = replace_rollouts(rewards[b], picked, rng, mode=cfg.mode)
+    rule = trigger_rule(settings.mode)                        # TRIGGERS[name]
+    trigger = rule.decide(correct_of_one_prompt, settings, rng)   # Trigger(reason, k) or NOT_GUIDED
+    cands = candidate_traces(index.lookup([pid])[pid], settings.max_candidates)
+    picked = rank_candidates(scores, lengths, k, settings.rank, rng)   # RANKINGS[name].order
+    slots = replacement_slots(correct_of_one_prompt, len(picked), rng, replace_correct)
 
-Randomness comes from a ``random.Random`` the caller owns: a few draws per step, identical on
-every device, and its state is a plain object to checkpoint (``getstate`` / ``setstate``).
+A rule reads the *verifier's* verdicts (``correct``), never the shaped reward: a length penalty or
+a format term must not decide that a solved prompt failed. Randomness comes from a
+``random.Random`` the caller owns (hybrid draws, random ranking, replaced slots).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Protocol, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, TypeVar
 
-import torch
-from torch import Tensor
+from ampo_train.config import GuidanceSettings
 
-from ampo_train.config import GuidanceMode, RankKind
-
-# A response counts as correct when its reward exceeds this. 0.5 separates correct from wrong
-# for plain 0/1 rewards and for the optional 0.9 x correct + 0.1 x format mix alike (the
-# reference uses 0.6 = format coefficient + 0.5 for that mix).
-DEFAULT_CORRECT_THRESHOLD = 0.5
+# ----------------------------------------------------------------------------- trigger rules
 
 
-def correct_flags(rewards: Tensor, correct_threshold: float = DEFAULT_CORRECT_THRESHOLD) -> Tensor:
-    """Bool tensor of the same shape: a bool input is taken as is, numbers as reward > threshold."""
-    if rewards.dtype == torch.bool:
-        return rewards
-    return rewards > correct_threshold
+@dataclass(frozen=True)
+class Trigger:
+    """One prompt's guidance decision."""
+
+    reason: str | None  # why it is guided (a REASONS entry); None: not guided
+    k: int = 0  # traces wanted (then capped by the candidates and, replacing wrong rollouts only, by those)
+
+    @property
+    def guided(self) -> bool:
+        return self.reason is not None
 
 
-def needs_guidance(
-    rewards: Tensor,
-    mode: GuidanceMode,
-    rng: random.Random | None = None,
-    hybrid_fraction: float = 0.3,
-    correct_threshold: float = DEFAULT_CORRECT_THRESHOLD,
-) -> Tensor:
-    """Which prompts receive teacher traces this step.
+NOT_GUIDED = Trigger(None)
+# Why a prompt was guided: every step logs a count per reason (guidance/guided_by/<reason>).
+REASONS = ("all_wrong", "below_threshold", "always", "hybrid")
 
-    Args:
-        rewards: ``[B, G]`` rewards of the on-policy rollouts, or bool correctness flags.
-        mode: see ``GuidanceSettings.mode`` (``ampo_train.config``).
-        rng: needed only for ``hybrid``; one ``rng.random()`` draw per prompt that has a
-            correct rollout, in prompt order.
-        hybrid_fraction: probability of guiding a prompt that has a correct rollout (hybrid).
-        correct_threshold: reward above which a rollout is correct (ignored for bool input).
 
-    Returns:
-        ``[B]`` bool.
-    """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
-    all_wrong = ~correct_flags(rewards, correct_threshold).any(dim=1)
-    if mode == "adaptive":
-        return all_wrong
-    if mode == "always":
-        return torch.ones_like(all_wrong)
-    if mode == "off":
-        return torch.zeros_like(all_wrong)
-    if mode == "hybrid":
-        if rng is None:
-            raise ValueError("mode 'hybrid' needs an rng")
-        picks = [bool(w) or rng.random() < hybrid_fraction for w in all_wrong.tolist()]
-        return torch.tensor(picks, dtype=torch.bool, device=rewards.device)
-    raise ValueError(f"unknown guidance mode {mode!r}")
+@dataclass(frozen=True)
+class TriggerRule:
+    decide: Callable[[Sequence[bool], GuidanceSettings, random.Random], Trigger]
+    wrong_only: bool  # its traces replace wrong rollouts only (by default, or always: see can_replace_correct)
+    guides_solved: bool  # it may guide a group that holds correct rollouts
+    check: Callable[[GuidanceSettings, int], None] | None = None  # (settings, G): a ValueError for what it cannot run
+
+
+TRIGGERS: dict[str, TriggerRule] = {}
+
+
+def register_trigger(name: str, wrong_only: bool, guides_solved: bool,
+                     check: Callable[[GuidanceSettings, int], None] | None = None):
+    """Decorator: ``decide`` becomes the trigger rule ``name`` (train.yaml's ``guidance.mode``)."""
+    def add(decide):
+        TRIGGERS[name] = TriggerRule(decide, wrong_only, guides_solved, check)
+        return decide
+    return add
+
+
+def trigger_rule(name: str) -> TriggerRule:
+    if name not in TRIGGERS:
+        raise ValueError(f"unknown guidance mode {name!r} (known: {', '.join(TRIGGERS)})")
+    return TRIGGERS[name]
+
+
+def _failed(correct: Sequence[bool]) -> str:
+    return "all_wrong" if not any(correct) else "below_threshold"
+
+
+@register_trigger("adaptive", wrong_only=True, guides_solved=False)
+def all_wrong(correct: Sequence[bool], settings: GuidanceSettings, rng: random.Random) -> Trigger:
+    """The paper: a prompt whose G rollouts are all wrong (success rate < 1/G) gets k traces."""
+    return NOT_GUIDED if any(correct) else Trigger("all_wrong", settings.k)
+
+
+def _pass_num_within(settings: GuidanceSettings, group_size: int) -> None:
+    if settings.pass_num > group_size:
+        raise ValueError(f"guidance.pass_num ({settings.pass_num}) cannot exceed group_size ({group_size}): "
+                         "every prompt would be guided")
+
+
+@register_trigger("pass_threshold", wrong_only=True, guides_solved=True, check=_pass_num_within)
+def below_pass_num(correct: Sequence[bool], settings: GuidanceSettings, rng: random.Random) -> Trigger:
+    """The reference's ``pass_num``: fewer than ``pass_num`` of G correct (success rate below
+    pass_num / G) gets k traces, in place of wrong rollouts only."""
+    return Trigger(_failed(correct), settings.k) if sum(correct) < settings.pass_num else NOT_GUIDED
+
+
+@register_trigger("adaptive_k", wrong_only=True, guides_solved=True)
+def adaptive_k(correct: Sequence[bool], settings: GuidanceSettings, rng: random.Random) -> Trigger:
+    """The reference's ``use_adaptive_k`` (2026-03): below a success rate of 0.5, inject
+    ``int(G x 0.5 - correct)`` traces, so the mixed group is about half right and half wrong (G = 8:
+    0 correct -> 4 traces, 3 correct -> 1). ``guidance.k`` is not used. With an odd G a group one
+    short of half (G = 5, 2 correct) would get int(0.5) = 0 traces: it is not guided."""
+    k = int(len(correct) * 0.5 - sum(correct))
+    return Trigger(_failed(correct), k) if k >= 1 else NOT_GUIDED
+
+
+@register_trigger("always", wrong_only=False, guides_solved=True)
+def always(correct: Sequence[bool], settings: GuidanceSettings, rng: random.Random) -> Trigger:
+    """Every prompt gets k traces (the reference's ``always`` strategy)."""
+    return Trigger("all_wrong" if not any(correct) else "always", settings.k)
+
+
+@register_trigger("hybrid", wrong_only=False, guides_solved=True)
+def hybrid(correct: Sequence[bool], settings: GuidanceSettings, rng: random.Random) -> Trigger:
+    """All-wrong prompts, plus each other prompt with probability ``hybrid_fraction`` (one
+    ``rng.random()`` draw per prompt that has a correct rollout)."""
+    if not any(correct):
+        return Trigger("all_wrong", settings.k)
+    return Trigger("hybrid", settings.k) if rng.random() < settings.hybrid_fraction else NOT_GUIDED
+
+
+@register_trigger("off", wrong_only=True, guides_solved=False)
+def off(correct: Sequence[bool], settings: GuidanceSettings, rng: random.Random) -> Trigger:
+    """Plain GRPO: nobody is guided (the same code path)."""
+    return NOT_GUIDED
+
+
+TRIGGERS["all_wrong"] = TRIGGERS["adaptive"]  # the rule's own name, beside the paper's mode name
+
+
+def can_replace_correct(settings: GuidanceSettings) -> bool:
+    """Whether a guided group's correct rollouts may make room for traces when its wrong ones run
+    out: ``guidance.replace``, or the rule's default (wrong_first for always/hybrid)."""
+    if settings.replace is not None:
+        return settings.replace == "wrong_first"
+    return not trigger_rule(settings.mode).wrong_only
+
+
+def check_guidance(settings: GuidanceSettings, group_size: int) -> None:
+    """The combinations no rule can run, as one ``ValueError`` line each (config validation)."""
+    rule = trigger_rule(settings.mode)
+    check_ranking(settings.rank)
+    if rule.check is not None:
+        rule.check(settings, group_size)
+    if rule.wrong_only and rule.guides_solved and settings.replace == "wrong_first":
+        raise ValueError(f"guidance.mode {settings.mode} replaces wrong rollouts only (as the reference does); "
+                         "replace: wrong_first would replace correct ones: remove guidance.replace")
+
+
+# ----------------------------------------------------------------------------- candidates
 
 
 class TraceLike(Protocol):
@@ -102,10 +177,6 @@ def candidate_traces(traces: Sequence[T], max_candidates: int = 4) -> list[T]:
     length (then name); then, if slots remain, the remaining traces shortest first. Length is
     ``num_chars`` (always known, independent of any tokenizer). The input is assumed verified
     correct (it comes from the store's lookup of correct traces).
-
-    Returns:
-        The chosen traces, in that order (the order matters only for display and as the
-        deterministic base order that ranking reorders).
     """
     if max_candidates < 1:
         return []
@@ -123,93 +194,73 @@ def candidate_traces(traces: Sequence[T], max_candidates: int = 4) -> list[T]:
     return (firsts + rest)[:max_candidates]
 
 
-def rank_candidates(
-    scores: Sequence[float] | None,
-    lengths: Sequence[int],
-    k: int,
-    rank: RankKind = "comprehension",
-    rng: random.Random | None = None,
-) -> list[int]:
-    """Indices of the k candidates to inject, best first.
+# ----------------------------------------------------------------------------- ranking rules
 
-    Args:
-        scores: one per candidate, higher is better (comprehension or trace likelihood); NaN
-            ranks last, -inf (no locatable answer) just above NaN. Ignored (may be None) for
-            ``random``.
-        lengths: one per candidate (e.g. ``num_chars``); ties in score go to the shorter trace,
-            then to the lower index.
-        k: requested count; the effective k is min(k, number of candidates).
-        rank: ``comprehension`` and ``trace_likelihood`` sort by score; ``random`` draws k
-            distinct candidates with ``rng.sample``.
+Order = Callable[[Sequence[float] | None, Sequence[int], int, random.Random | None], list[int]]
 
-    Returns:
-        ``min(k, n)`` distinct indices into the candidate list.
-    """
-    n = len(lengths)
-    take = max(0, min(k, n))
-    if rank == "random":
-        if rng is None:
-            raise ValueError("rank 'random' needs an rng")
-        return rng.sample(range(n), take)
-    if rank not in ("comprehension", "trace_likelihood"):
-        raise ValueError(f"unknown rank {rank!r}")
-    if scores is None or len(scores) != n:
+
+@dataclass(frozen=True)
+class Ranking:
+    scored: str | None  # what the student scores per candidate: "answer" (comprehension), "trace", None (nothing)
+    order: Order  # (scores, lengths, k, rng) -> the indices to inject, best first
+
+
+def best_scores(scores: Sequence[float] | None, lengths: Sequence[int], k: int, rng: random.Random | None) -> list[int]:
+    """Highest score first; NaN last, -inf (no locatable answer) just above NaN; ties to the
+    shorter trace, then the lower index."""
+    if scores is None or len(scores) != len(lengths):
         raise ValueError("scores must have one entry per candidate")
 
     def key(i: int) -> tuple:
         s = float(scores[i])
         return (math.isnan(s), -s if not math.isnan(s) else 0.0, lengths[i], i)
 
-    return sorted(range(n), key=key)[:take]
+    return sorted(range(len(lengths)), key=key)[:k]
 
 
-def replace_rollouts(
-    rewards: Tensor,
-    chosen_traces: Sequence[object],
-    rng: random.Random,
-    mode: GuidanceMode = "adaptive",
-    correct_threshold: float = DEFAULT_CORRECT_THRESHOLD,
-    teacher_reward: float = 1.0,
-) -> tuple[list[int], Tensor]:
-    """Pick which of a prompt's G rollouts the chosen teacher traces replace.
+def at_random(scores: Sequence[float] | None, lengths: Sequence[int], k: int, rng: random.Random | None) -> list[int]:
+    """k distinct candidates drawn with ``rng.sample`` (scores are not read)."""
+    if rng is None:
+        raise ValueError("rank 'random' needs an rng")
+    return rng.sample(range(len(lengths)), k)
 
-    ``len(chosen_traces)`` rollouts are replaced, chosen uniformly at random among the WRONG
-    ones (``rng.sample``), and their reward becomes ``teacher_reward`` (the traces are verified
-    correct). ``positions[i]`` is the slot that receives ``chosen_traces[i]``.
 
-    In ``always`` / ``hybrid`` mode a prompt may have fewer wrong rollouts than traces: then
-    every wrong rollout is replaced and the remainder is drawn at random from the correct
-    ones, so each chosen trace is still injected (the reference instead injects only
-    min(k, wrong) traces). In ``adaptive`` mode guidance only fires when all G are wrong, so a
-    shortfall signals a caller bug and raises.
+RANKINGS: dict[str, Ranking] = {
+    "comprehension": Ranking("answer", best_scores),  # the student's probability of the ground truth after the trace
+    "trace_likelihood": Ranking("trace", best_scores),  # the student's mean log-prob of the whole trace
+    "random": Ranking(None, at_random),
+}
 
-    Args:
-        rewards: ``[G]`` rewards of one prompt's on-policy rollouts (bool flags also accepted;
-            the returned tensor then has float dtype).
-        chosen_traces: the traces to inject, best first (only their count is used here).
-        rng: the caller's generator.
-    Returns:
-        (positions, new_rewards): positions as a list of ints in ``[0, G)``; ``new_rewards`` a
-        new ``[G]`` tensor (the input is not modified).
-    """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be [G], got shape {tuple(rewards.shape)}")
-    g, n = rewards.shape[0], len(chosen_traces)
-    if n > g:
-        raise ValueError(f"cannot inject {n} traces into a group of {g}")
-    correct = correct_flags(rewards, correct_threshold).tolist()
+
+def check_ranking(name: str) -> Ranking:
+    if name not in RANKINGS:
+        raise ValueError(f"unknown guidance rank {name!r} (known: {', '.join(RANKINGS)})")
+    return RANKINGS[name]
+
+
+def rank_candidates(scores: Sequence[float] | None, lengths: Sequence[int], k: int, rank: str = "comprehension",
+                    rng: random.Random | None = None) -> list[int]:
+    """Indices of the ``min(k, n)`` candidates to inject, best first, by the ranking rule ``rank``
+    (``lengths``: one per candidate, e.g. ``num_chars``; ``scores``: one per candidate, higher is
+    better; ignored, may be None, by rules that score nothing)."""
+    return check_ranking(rank).order(scores, lengths, max(0, min(k, len(lengths))), rng)
+
+
+# ----------------------------------------------------------------------------- replacement
+
+
+def replacement_slots(correct: Sequence[bool], n: int, rng: random.Random, replace_correct: bool = False) -> list[int]:
+    """Which of a prompt's G rollouts ``n`` traces replace: wrong ones, drawn uniformly
+    (``rng.sample``). With ``replace_correct``, when fewer than ``n`` are wrong, every wrong
+    rollout and then correct ones drawn at random (so every trace goes in); without it a shortfall
+    is the caller's bug (it caps ``n`` at the wrong rollouts) and raises. ``slots[i]`` receives
+    the i-th trace."""
+    if n > len(correct):
+        raise ValueError(f"cannot inject {n} traces into a group of {len(correct)}")
     wrong = [i for i, c in enumerate(correct) if not c]
     if len(wrong) >= n:
-        positions = rng.sample(wrong, n)
-    elif mode in ("always", "hybrid"):
-        right = [i for i, c in enumerate(correct) if c]
-        positions = rng.sample(wrong, len(wrong)) + rng.sample(right, n - len(wrong))
-    else:
-        raise ValueError(
-            f"mode {mode!r}: only {len(wrong)} wrong rollouts for {n} traces; "
-            "adaptive guidance expects an all-wrong group"
-        )
-    new_rewards = rewards.to(torch.float32) if rewards.dtype == torch.bool else rewards.clone()
-    if positions:
-        new_rewards[positions] = teacher_reward
-    return positions, new_rewards
+        return rng.sample(wrong, n)
+    if not replace_correct:
+        raise ValueError(f"only {len(wrong)} wrong rollouts for {n} traces, and correct ones may not be replaced")
+    right = [i for i, c in enumerate(correct) if c]
+    return rng.sample(wrong, len(wrong)) + rng.sample(right, n - len(wrong))

@@ -1,172 +1,49 @@
-"""One step's guidance: which prompts, their cached traces, the student's scores, the replacement.
+"""One step's guidance: which prompts, which cached traces, which slots, behind one interface.
 
-Composes the pure pieces of ``ampo_train.guidance`` with the store lookup and a scorer:
+A run chooses its guide once, in ``setup`` (``open_guide``):
 
-    source = TraceSource(index.lookup, StudentScorer(policy, tokenizer, batch, settings, max_len), text_of)
-    plan = plan_guidance(prompt_ids, rewards[B, G], source, settings, rng)
-    plan.rewards        # [B, G] the mixed group's rewards (injected slots = teacher_reward)
-    plan.injections     # which slot of which prompt receives which trace
+    guide = open_guide(cfg, index, policy, tokenizer, rewarder)   # WholeTraces or PrefixTraces
+    plan = guide.plan(batch, correct[B, G], step, seeds)          # seeds: seeds.RoundSeeds
+    plan.injections     # which slot of which prompt receives which trace (with prefix guidance: the
+                        # trace's prefix and the student's continuation, verified and rewarded)
     plan.report         # counts and scores for the step's metrics
-    rows = mixed_rows(batch, groups, plan, tokenizer, max_len)   # the batch the loss sees
 
-A prompt selected for guidance with no correct cached trace (or absent from the store) stays a
-plain GRPO group and is counted in ``report.no_trace``; it is never an error.
+Both implementations read the verifier's verdicts (``correct``), never the shaped rewards, and
+return a plan; neither writes into the step's rows, which ``sampling.build_rows`` makes from the
+plan in one place. The trigger rule (``guidance.mode``) and the ranking rule (``guidance.rank``)
+are looked up in ``ampo_train.guidance``'s registries. A prompt selected for guidance with no
+correct cached trace (or absent from the store) stays a plain GRPO group and is counted in
+``report.no_trace``; it is never an error.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Protocol, Sequence
 
-import torch
 from torch import Tensor
 
-from ampo_cache.boxed import boxes
 from ampo_cache.lookup import CachedTrace
 from ampo_train.comprehension import Scoring, no_reasoning_trace, score_candidates
-from ampo_train.config import GuidanceSettings
-from ampo_train.data import Row, TrainPrompt, teacher_response_ids
-from ampo_train.guidance import candidate_traces, correct_flags, needs_guidance, rank_candidates, replace_rollouts
-from ampo_train.prefix import prefix_fraction, prefix_length
-from ampo_train.rewards import score_responses
+from ampo_train.config import GuidanceSettings, PrefixSettings, RolloutSettings
+from ampo_train.data import TrainPrompt, assistant_text
+from ampo_train.guidance import (REASONS, Trigger, can_replace_correct, candidate_traces, check_ranking,
+                                 rank_candidates, replacement_slots, trigger_rule)
+from ampo_train.prefix import answer_start, prefix_fraction, prefix_length
+from ampo_train.rewards import Rewarder
 from ampo_train.rollout import Rollout
+from ampo_train.seeds import RoundSeeds
 
 Lookup = Callable[[Sequence[str]], Mapping[str, Sequence[CachedTrace]]]
 
 
 class Scorer(Protocol):
-    def __call__(self, prompt_index: int, texts: Sequence[str]) -> tuple[list[float], float | None]:
-        """Scores of ``texts`` (candidate traces of the batch's prompt ``prompt_index``), and the
-        no-reasoning baseline score when it is enabled (else None)."""
+    def __call__(self, prompt: TrainPrompt, texts: Sequence[str]) -> tuple[list[float], float | None]:
+        """Scores of ``texts`` (candidate traces of ``prompt``), and the no-reasoning baseline
+        score when it is enabled (else None)."""
         ...
-
-
-@dataclass(frozen=True)
-class TraceSource:
-    """Where a step's candidate traces come from, how they are ranked and what is injected."""
-
-    lookup: Lookup | None  # the store's TraceIndex.lookup (correct traces per prompt); None = no store
-    scorer: Scorer | None = None  # scores candidates; unused (may be None) for rank "random"
-    # the text injected for a trace of prompt b (e.g. without a duplicated <think>); it is also what is scored
-    text_of: Callable[[int, CachedTrace], str] = lambda b, trace: trace.text
-
-
-@dataclass(frozen=True)
-class Injection:
-    prompt_index: int  # index of the prompt in this process's batch
-    slot: int  # the rollout (0..G-1) the trace replaces
-    trace: CachedTrace
-    text: str  # the trace as it is injected (and was scored)
-    score: float | None  # None for rank "random"
-
-
-@dataclass
-class GuidanceReport:
-    prompts: int = 0  # prompts in the batch
-    needed: int = 0  # prompts the mode selected for guidance
-    guided: int = 0  # prompts that received traces
-    no_trace: int = 0  # selected, but no correct cached trace: a cache miss
-    missed: list[int] = field(default_factory=list)  # the batch indices of those prompts
-    all_correct: int = 0  # selected (always/hybrid), but replace: wrong_only and no rollout was wrong
-    injected: int = 0  # traces injected
-    per_teacher: Counter = field(default_factory=Counter)  # injected traces per teacher
-    picked_scores: list[float] = field(default_factory=list)
-    unpicked_scores: list[float] = field(default_factory=list)
-    score_gains: list[float] = field(default_factory=list)  # picked score - no-reasoning score
-    prefix_tokens: list[int] = field(default_factory=list)  # prefix guidance: the prefix given per injection
-    prefix_solved: int = 0  # prefix guidance: continuations the verifier found correct
-
-
-@dataclass
-class GuidancePlan:
-    rewards: Tensor  # [B, G]
-    injections: list[Injection]
-    report: GuidanceReport
-
-
-def plan_guidance(prompt_ids: Sequence[str], rewards: Tensor, source: TraceSource, settings: GuidanceSettings,
-                  rng: random.Random, correct_threshold: float = 0.5) -> GuidancePlan:
-    """Decide this step's injections (see the module docstring).
-
-    Args:
-        prompt_ids: the B prompts of this process's batch.
-        rewards: ``[B, G]`` on-policy rewards.
-        source: the store's lookup, the scorer and the injected text (``TraceSource``).
-        rng: the trainer's guidance generator (hybrid draws, random ranking, replaced slots).
-        correct_threshold: a response counts as correct when its reward exceeds this.
-    """
-    report = GuidanceReport(prompts=len(prompt_ids))
-    mixed = rewards.clone().to(torch.float32)
-    injections: list[Injection] = []
-    if settings.mode == "off":
-        return GuidancePlan(mixed, injections, report)
-
-    needed = needs_guidance(rewards, settings.mode, rng, settings.hybrid_fraction, correct_threshold).tolist()
-    report.needed = sum(needed)
-    wanted = [prompt_ids[b] for b, need in enumerate(needed) if need]
-    found = source.lookup(wanted) if (source.lookup is not None and wanted) else {}
-
-    for b, need in enumerate(needed):
-        if not need:
-            continue
-        candidates = candidate_traces(list(found.get(prompt_ids[b], ())), settings.max_candidates)
-        if not candidates:
-            report.no_trace += 1
-            report.missed.append(b)
-            continue
-        k = settings.k
-        if settings.replace == "wrong_only":  # the reference: at most one trace per wrong rollout
-            k = min(k, int((~correct_flags(rewards[b], correct_threshold)).sum()))
-            if k == 0:
-                report.all_correct += 1
-                continue
-        texts = [source.text_of(b, c) for c in candidates]
-        scores: list[float] | None = None
-        baseline = None
-        if settings.rank != "random":
-            if source.scorer is None:
-                raise ValueError(f"rank {settings.rank!r} needs a scorer")
-            scores, baseline = source.scorer(b, texts)
-        picked = rank_candidates(scores, [c.num_chars for c in candidates], k, settings.rank, rng)
-        slots, mixed[b] = replace_rollouts(mixed[b], [candidates[i] for i in picked], rng, mode=settings.mode,
-                                           correct_threshold=correct_threshold, teacher_reward=settings.teacher_reward)
-        for i, slot in zip(picked, slots):
-            score = None if scores is None else scores[i]
-            injections.append(Injection(b, slot, candidates[i], texts[i], score))
-            report.per_teacher[candidates[i].teacher] += 1
-            if score is not None:
-                report.picked_scores.append(score)
-                if baseline is not None:
-                    report.score_gains.append(score - baseline)
-        if scores is not None:
-            report.unpicked_scores.extend(s for i, s in enumerate(scores) if i not in picked)
-        report.guided += 1
-        report.injected += len(picked)
-    return GuidancePlan(mixed, injections, report)
-
-
-class StudentScorer:
-    """Scores a batch's candidates with the current student: no grad, this step's weights before
-    the update, one batched forward per guided prompt (``comprehension.score_candidates``). With
-    ``score_baseline`` the bare ``\\boxed{answer}`` rides in the same batch as the no-reasoning
-    baseline "score A"."""
-
-    def __init__(self, policy, tokenizer, batch: Sequence[TrainPrompt], settings: GuidanceSettings,
-                 max_target_length: int):
-        self.module, self.tokenizer, self.batch, self.settings = policy.module, tokenizer, batch, settings
-        self.scoring = Scoring(rank=settings.rank, kind=settings.score, temperature=policy.forward.temperature,
-                               max_response_tokens=max_target_length, chunk_size=policy.forward.chunk_size)
-
-    def __call__(self, prompt_index: int, texts: Sequence[str]) -> tuple[list[float], float | None]:
-        prompt = self.batch[prompt_index]
-        with_baseline = self.settings.score_baseline and self.settings.rank == "comprehension"
-        candidates = list(texts) + ([no_reasoning_trace(prompt.answer)] if with_baseline else [])
-        scores = score_candidates(self.module, self.tokenizer, prompt.text, candidates, prompt.answer, self.scoring)
-        if with_baseline:
-            return scores[:-1], scores[-1]
-        return scores, None
 
 
 @dataclass(frozen=True)
@@ -175,55 +52,192 @@ class Continuation:
 
     prefix_ids: list[int]
     rollout: Rollout  # the student's continuation (its engine log-probs)
-    in_loss: bool  # the prefix is trained as teacher tokens (guidance.prefix.loss_on_prefix)
+    prefix_in_loss: bool  # the prefix is trained as teacher tokens (guidance.prefix.loss_on_prefix)
+    correct: bool  # the verifier's verdict, and the answer it read lies in what the student wrote
+    reward: float  # the shaped reward of prefix + continuation (overlong penalty included)
 
 
-def answer_start(text: str) -> int | None:
-    """Where the answer a trace ends with begins: the opening of the outermost box around its last
-    ``\\boxed{}`` (None: no box). A prefix is cut before it, so the student still writes the answer."""
-    found = boxes(text)
-    if not found:
-        return None
-    last = found[-1]
-    return min(box.start for box in found if box.start <= last.start and box.content_end >= last.content_end)
+@dataclass(frozen=True)
+class Injection:
+    prompt_index: int  # index of the prompt in this process's batch
+    slot: int  # the rollout (0..G-1) the trace replaces
+    trace: CachedTrace
+    text: str  # the trace as it is injected (and was scored)
+    score: float | None  # None when the ranking rule scores nothing
+    replaced_correct: bool = False  # the slot held a rollout the verifier judged correct
+    continuation: Continuation | None = None  # prefix guidance: what fills the slot instead of the whole trace
 
 
-class PrefixGuide:
-    """Prefix guidance for a step: every injection of the plan becomes the start of its trace
-    (``prefix.prefix_fraction`` of its tokens at this step, cut before the answer) and the
-    student's continuation from prompt + prefix, verified like any rollout; the slot's reward is
-    that verdict (a wrong continuation earns nothing)."""
+@dataclass
+class GuidanceReport:
+    prompts: int = 0  # prompts in the batch
+    needed: int = 0  # prompts the trigger rule selected
+    reasons: Counter = field(default_factory=Counter)  # guided prompts per reason (guidance.REASONS)
+    guided: int = 0  # prompts that received traces
+    no_trace: int = 0  # selected, but no correct cached trace: a cache miss
+    missed: list[int] = field(default_factory=list)  # the batch indices of those prompts
+    all_correct: int = 0  # selected, but only wrong rollouts may be replaced and none was wrong
+    injected: int = 0  # traces injected
+    per_teacher: Counter = field(default_factory=Counter)  # injected traces per teacher
+    picked_scores: list[float] = field(default_factory=list)
+    unpicked_scores: list[float] = field(default_factory=list)
+    score_gains: list[float] = field(default_factory=list)  # picked score - no-reasoning score
+    prefix_tokens: list[int] = field(default_factory=list)  # prefix guidance: the prefix given per injection
 
-    def __init__(self, policy, tokenizer, verifier, cfg):
-        self.policy, self.tokenizer, self.verifier, self.cfg = policy, tokenizer, verifier, cfg
+    def count_reason(self, trigger: Trigger) -> None:
+        self.reasons[trigger.reason] += 1
 
-    def continue_traces(self, batch: Sequence[TrainPrompt], plan: GuidancePlan, step: int,
-                        seed: int) -> dict[tuple[int, int], Continuation]:
-        cfg = self.cfg
+
+@dataclass(frozen=True)
+class GuidancePlan:
+    injections: list[Injection]
+    report: GuidanceReport
+
+    def at(self) -> dict[tuple[int, int], Injection]:
+        """The injections by (prompt index, slot)."""
+        return {(inj.prompt_index, inj.slot): inj for inj in self.injections}
+
+
+class Guide(Protocol):
+    def plan(self, batch: Sequence[TrainPrompt], correct: Tensor, step: int, seeds: RoundSeeds) -> GuidancePlan:
+        """This step's injections for ``batch`` (``correct``: ``[B, G]`` the verifier's verdicts of
+        its rollouts; ``seeds``: every draw, per prompt and per generate call)."""
+        ...
+
+
+class WholeTraces:
+    """AMPO: the picked traces replace rollouts whole (reward ``teacher_reward``; verified traces).
+    Each prompt draws from its own generator (``RoundSeeds.prompt_rng``): the hybrid rule's draw,
+    then a random ranking's and the replaced slots'."""
+
+    def __init__(self, settings: GuidanceSettings, lookup: Lookup | None, scorer: Scorer | None):
+        self.settings, self.lookup, self.scorer = settings, lookup, scorer
+        self.rule, self.ranking = trigger_rule(settings.mode), check_ranking(settings.rank)
+        self.replace_correct = can_replace_correct(settings)
+
+    def plan(self, batch: Sequence[TrainPrompt], correct: Tensor, step: int, seeds: RoundSeeds) -> GuidancePlan:
+        report, injections = GuidanceReport(prompts=len(batch), reasons=Counter({r: 0 for r in REASONS})), []
+        flags = correct.tolist()
+        rngs = [seeds.prompt_rng(b) for b in range(len(batch))]
+        triggers = [self.rule.decide(f, self.settings, rng) for f, rng in zip(flags, rngs)]
+        wanted = [batch[b].prompt_id for b, t in enumerate(triggers) if t.guided]
+        report.needed = len(wanted)
+        found = self.lookup(wanted) if (self.lookup is not None and wanted) else {}
+        for b, trigger in enumerate(triggers):
+            if trigger.guided:
+                candidates = candidate_traces(list(found.get(batch[b].prompt_id, ())), self.settings.max_candidates)
+                injections += self._inject(b, batch[b], flags[b], trigger, candidates, rngs[b], report)
+        return GuidancePlan(injections, report)
+
+    def _inject(self, b: int, prompt: TrainPrompt, correct: list[bool], trigger: Trigger,
+                candidates: list[CachedTrace], rng: random.Random, report: GuidanceReport) -> list[Injection]:
+        """One guided prompt: rank its candidates, keep the top k, choose the slots they take."""
+        if not candidates:
+            report.no_trace += 1
+            report.missed.append(b)
+            return []
+        k = trigger.k if self.replace_correct else min(trigger.k, correct.count(False))
+        if k == 0:
+            report.all_correct += 1
+            return []
+        texts = [assistant_text(c.text, prompt.text) for c in candidates]
+        scores, baseline = None, None
+        if self.ranking.scored is not None:
+            if self.scorer is None:
+                raise ValueError(f"rank {self.settings.rank!r} needs a scorer")
+            scores, baseline = self.scorer(prompt, texts)
+        picked = rank_candidates(scores, [c.num_chars for c in candidates], k, self.settings.rank, rng)
+        slots = replacement_slots(correct, len(picked), rng, self.replace_correct)
+        out = [Injection(b, slot, candidates[i], texts[i], None if scores is None else scores[i], correct[slot])
+               for i, slot in zip(picked, slots)]
+        for injection in out:
+            report.per_teacher[injection.trace.teacher] += 1
+            if injection.score is not None:
+                report.picked_scores.append(injection.score)
+                if baseline is not None:
+                    report.score_gains.append(injection.score - baseline)
+        if scores is not None:
+            report.unpicked_scores.extend(s for i, s in enumerate(scores) if i not in picked)
+        report.count_reason(trigger)
+        report.guided += 1
+        report.injected += len(out)
+        return out
+
+
+class StudentScorer:
+    """Scores a prompt's candidates with the current student: no grad, this step's weights before
+    the update, one batched forward per guided prompt (``comprehension.score_candidates``). With
+    ``score_baseline`` the bare ``\\boxed{answer}`` rides in the same batch as the no-reasoning
+    baseline "score A"."""
+
+    def __init__(self, policy, tokenizer, settings: GuidanceSettings, max_target_length: int):
+        self.module, self.tokenizer = policy.module, tokenizer
+        scored = check_ranking(settings.rank).scored or "answer"
+        self.with_baseline = settings.score_baseline and scored == "answer"
+        self.scoring = Scoring(scored=scored, kind=settings.score, temperature=policy.forward.temperature,
+                               max_response_tokens=max_target_length, chunk_size=policy.forward.chunk_size)
+
+    def __call__(self, prompt: TrainPrompt, texts: Sequence[str]) -> tuple[list[float], float | None]:
+        candidates = list(texts) + ([no_reasoning_trace(prompt.answer)] if self.with_baseline else [])
+        scores = score_candidates(self.module, self.tokenizer, prompt.text, candidates, prompt.answer, self.scoring)
+        if self.with_baseline:
+            return scores[:-1], scores[-1]
+        return scores, None
+
+
+class PrefixTraces:
+    """Prefix guidance (QuestA, UFT, Prefix-RFT, BREAD): the whole-trace plan, then every picked
+    trace cut to its first ``prefix_fraction`` of tokens at this step (before the first place it
+    states an answer, ``prefix.answer_start``) and continued by the student from prompt + prefix.
+    The continuation is verified and rewarded as any rollout (the overlong rules included, on the
+    whole response); it counts as solved only if the answer the verifier read lies in what the
+    student wrote, so a prefix that already held the answer earns nothing."""
+
+    def __init__(self, whole: WholeTraces, policy, tokenizer, rewarder: Rewarder, settings: PrefixSettings,
+                 rollout: RolloutSettings, max_steps: int):
+        self.whole, self.policy, self.tokenizer, self.rewarder = whole, policy, tokenizer, rewarder
+        self.settings, self.rollout, self.max_steps = settings, rollout, max_steps
+        self.budget = rollout.max_new_tokens
+
+    def plan(self, batch: Sequence[TrainPrompt], correct: Tensor, step: int, seeds: RoundSeeds) -> GuidancePlan:
+        plan = self.whole.plan(batch, correct, step, seeds)
         if not plan.injections:
-            return {}
-        fraction = prefix_fraction(cfg.guidance.prefix, step, cfg.max_steps)
-        budget = cfg.rollout.max_new_tokens
-        prefixes = []
-        for injection in plan.injections:
-            encoded = self.tokenizer(injection.text, add_special_tokens=False, return_offsets_mapping=True)
-            n = prefix_length(encoded["offset_mapping"], answer_start(injection.text), fraction)
-            prefixes.append(list(encoded["input_ids"][:min(n, budget - 1)]))
-        settings = cfg.rollout.model_copy(update={"max_new_tokens": budget - min(len(p) for p in prefixes)})
-        prompts = [list(batch[inj.prompt_index].token_ids) + prefix for inj, prefix in zip(plan.injections, prefixes)]
-        rollouts = [group[0] for group in self.policy.generate(prompts, 1, seed=seed, settings=settings)]
-        rollouts = [_within(r, budget - len(prefix)) for r, prefix in zip(rollouts, prefixes)]
-        texts = [self.tokenizer.decode(prefix + r.token_ids, skip_special_tokens=True) for prefix, r in zip(prefixes, rollouts)]
-        scored = score_responses(self.verifier, texts, [batch[inj.prompt_index].answer for inj in plan.injections],
-                                 cfg.reward)
-        continuations = {}
-        for i, (injection, prefix, rollout) in enumerate(zip(plan.injections, prefixes, rollouts)):
-            plan.rewards[injection.prompt_index, injection.slot] = float(scored.rewards[i])
-            continuations[(injection.prompt_index, injection.slot)] = Continuation(
-                prefix, rollout, cfg.guidance.prefix.loss_on_prefix)
+            return plan
+        fraction = prefix_fraction(self.settings, step, self.max_steps)
+        prefixes = [self._prefix(inj.text, batch[inj.prompt_index].answer, fraction) for inj in plan.injections]
+        rollouts = self._continue(batch, plan.injections, prefixes, seeds)
+        texts = [self.tokenizer.decode(p + r.token_ids, skip_special_tokens=True) for p, r in zip(prefixes, rollouts)]
+        given = [len(self.tokenizer.decode(p, skip_special_tokens=True)) for p in prefixes]
+        answers = [batch[inj.prompt_index].answer for inj in plan.injections]
+        lengths = [len(p) + len(r.token_ids) for p, r in zip(prefixes, rollouts)]
+        scored = self.rewarder(texts, answers, lengths, own_from=given)
+        injections = [replace(inj, continuation=Continuation(prefix, rollout, self.settings.loss_on_prefix,
+                                                             bool(scored.correct[i]), float(scored.rewards[i])))
+                      for i, (inj, prefix, rollout) in enumerate(zip(plan.injections, prefixes, rollouts))]
         plan.report.prefix_tokens.extend(len(p) for p in prefixes)
-        plan.report.prefix_solved += int(scored.correct.sum())
-        return continuations
+        return GuidancePlan(injections, plan.report)
+
+    def _prefix(self, text: str, answer: str, fraction: float) -> list[int]:
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        n = prefix_length(encoded["offset_mapping"], answer_start(text, answer), fraction)
+        return list(encoded["input_ids"][:min(n, self.budget - 1)])
+
+    def _continue(self, batch: Sequence[TrainPrompt], injections: Sequence[Injection], prefixes: list[list[int]],
+                  seeds: RoundSeeds) -> list[Rollout]:
+        """The student's continuations, one per injection, a generate call per chunk of the
+        batch's prompts (as their rollouts), each with the budget its longest prefix leaves and
+        every continuation cut to what its own prefix leaves."""
+        out: dict[int, Rollout] = {}
+        for start, end, seed in seeds.chunks(purpose="prefix"):
+            mine = [i for i, inj in enumerate(injections) if start <= inj.prompt_index < end]
+            if not mine:
+                continue
+            budget = self.budget - min(len(prefixes[i]) for i in mine)
+            settings = self.rollout.model_copy(update={"max_new_tokens": budget})
+            prompts = [list(batch[injections[i].prompt_index].token_ids) + prefixes[i] for i in mine]
+            for i, group in zip(mine, self.policy.generate(prompts, 1, seed=seed, settings=settings)):
+                out[i] = _within(group[0], self.budget - len(prefixes[i]))
+        return [out[i] for i in range(len(injections))]
 
 
 def _within(rollout: Rollout, limit: int) -> Rollout:
@@ -234,36 +248,11 @@ def _within(rollout: Rollout, limit: int) -> Rollout:
     return Rollout(rollout.token_ids[:limit], "length", logprobs)
 
 
-def mixed_rows(batch: Sequence[TrainPrompt], groups: Sequence[Sequence[Rollout]], plan: GuidancePlan, tokenizer,
-               target_length: int, continuations: Mapping[tuple[int, int], Continuation] | None = None) -> list[Row]:
-    """The mixed batch: G rows per prompt, injected teacher traces in the slots the plan chose
-    (tokenised with the student's tokenizer, one EOS, cut at ``target_length``), or with prefix
-    guidance the prefix + the student's continuation (``continuations``)."""
-    injected = {(inj.prompt_index, inj.slot): inj for inj in plan.injections}
-    continuations = continuations or {}
-    rows: list[Row] = []
-    for b, (prompt, group) in enumerate(zip(batch, groups)):
-        for g, rollout in enumerate(group):
-            reward = float(plan.rewards[b, g])
-            injection = injected.get((b, g))
-            if (b, g) in continuations:
-                rows.append(_continuation_row(prompt, continuations[(b, g)], reward, injection.trace.teacher))
-            elif injection is None:
-                engine_logp = None if rollout.logprobs is None else torch.tensor(rollout.logprobs, dtype=torch.float32)
-                rows.append(Row(prompt.token_ids, list(rollout.token_ids), reward,
-                                finished=rollout.finish_reason == "stop", engine_logp=engine_logp))
-            else:
-                ids = teacher_response_ids(tokenizer, injection.text, target_length)
-                rows.append(Row(prompt.token_ids, ids, reward, is_teacher=True, teacher=injection.trace.teacher,
-                                finished=bool(ids) and ids[-1] == tokenizer.eos_token_id))
-    return rows
-
-
-def _continuation_row(prompt: TrainPrompt, continuation: Continuation, reward: float, teacher: str) -> Row:
-    rollout, prefix = continuation.rollout, continuation.prefix_ids
-    engine_logp = None
-    if rollout.logprobs is not None:  # the engine sampled the continuation only
-        engine_logp = torch.tensor([0.0] * len(prefix) + list(rollout.logprobs), dtype=torch.float32)
-    return Row(prompt.token_ids, prefix + list(rollout.token_ids), reward, teacher=teacher,
-               finished=rollout.finish_reason == "stop", engine_logp=engine_logp, prefix_len=len(prefix),
-               prefix_in_loss=continuation.in_loss)
+def open_guide(cfg, lookup: Lookup | None, policy, tokenizer, rewarder: Rewarder) -> Guide:
+    """The run's guide (``cfg``: the ``TrainConfig``): whole traces (AMPO), or with
+    ``guidance.prefix`` their prefixes, continued by the student."""
+    scorer = StudentScorer(policy, tokenizer, cfg.guidance, cfg.target_length)
+    whole = WholeTraces(cfg.guidance, lookup, scorer)
+    if cfg.guidance.prefix is None:
+        return whole
+    return PrefixTraces(whole, policy, tokenizer, rewarder, cfg.guidance.prefix, cfg.rollout, cfg.max_steps)

@@ -23,8 +23,37 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from rich.console import Console
 
+from ampo_common.jsonl import truncate_jsonl
+
 from ampo_train.data import Row
 from ampo_train.step_record import StepRecord
+
+
+class Name:
+    """The metric names the phases outside this module write (``stats.mean(Name.ENTROPY, ...)``),
+    in one table; the rest are written below (``step_stats``, ``trained_stats``, ``finish_metrics``).
+    docs/metrics.md describes every one (a test checks it names each)."""
+
+    # the update (ampo_train/update.py)
+    LR = "lr"
+    GRAD_NORM = "grad_norm"
+    SKIPPED_UPDATES = "skipped_updates"
+    UPDATES = "optimizer/updates"  # updates applied this step
+    LOSS_POLICY = "loss/policy"
+    ENTROPY = "entropy"
+    KL = "kl"
+    CLIP_FRACTION, CLIP_HIGH, CLIP_LOW, CLIP_DUAL = "clip/fraction", "clip/high", "clip/low", "clip/dual"
+    TEACHER_TOKEN_PROB = "teacher_token_prob"
+    LOGPROB_DIFF, LOGPROB_DIFF_MAX = "rollout/logprob_diff", "rollout/logprob_diff_max"
+    IS_WEIGHT = "rollout/is_weight"
+    MICRO_BATCHES, SPLIT, PADDING = "update/micro_batches", "update/split", "update/padding"
+    LOSS_TOKENS = "update/loss_tokens"  # tokens the loss trained (summed over updates and processes)
+    TOKEN_NORMALISER = "update/token_normaliser"  # what the token means divided by (the same sum, by construction)
+    # sampling (ampo_train/sampling.py, trainer.py)
+    SYNC_BYTES = "rollout/sync_bytes"
+    DYNAMIC_ROUNDS = "dynamic/rounds"
+    DYNAMIC_DRAWN, DYNAMIC_KEPT, DYNAMIC_DROPPED = "dynamic/drawn_groups", "dynamic/kept_groups", "dynamic/dropped_groups"
+    STEP_TIME = "time/step"
 
 
 class PhaseTimer:
@@ -51,7 +80,9 @@ class StepStats:
     """Accumulates one process's numbers for a step; ``merge`` combines processes exactly.
 
     ``mean``: a sum and a count (the merged value is sum / count over all processes);
-    ``total``: summed; ``maximum``: the largest; ``tally``: a Counter flattened to ``name/key``.
+    ``total``: summed; ``maximum``: the largest; ``tally``: a Counter flattened to ``name/key``;
+    ``replicated``: summed within a process, the same on every process (the updates the processes
+    make together, dynamic sampling's rounds), so merged as one process's, not a sum.
     """
 
     def __init__(self) -> None:
@@ -60,6 +91,7 @@ class StepStats:
         self.totals: dict[str, float] = defaultdict(float)
         self.maxima: dict[str, float] = {}
         self.tallies: dict[str, Counter] = defaultdict(Counter)
+        self.replicas: dict[str, float] = defaultdict(float)
 
     def mean(self, name: str, total: float, count: float = 1.0) -> None:
         self.sums[name] += float(total)
@@ -76,12 +108,16 @@ class StepStats:
     def maximum(self, name: str, value: float) -> None:
         self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
 
+    def replicated(self, name: str, value: float) -> None:
+        self.replicas[name] += float(value)
+
     def tally(self, name: str, counter: Mapping[str, int]) -> None:
         self.tallies[name].update(counter)  # zero counts stay as keys: every step logs every teacher
 
     def to_dict(self) -> dict:
         return {"sums": dict(self.sums), "counts": dict(self.counts), "totals": dict(self.totals),
-                "maxima": dict(self.maxima), "tallies": {k: dict(v) for k, v in self.tallies.items()}}
+                "maxima": dict(self.maxima), "tallies": {k: dict(v) for k, v in self.tallies.items()},
+                "replicas": dict(self.replicas)}
 
     @classmethod
     def merge(cls, parts: Iterable[dict]) -> "StepStats":
@@ -97,6 +133,8 @@ class StepStats:
                 merged.maximum(k, v)
             for k, v in part["tallies"].items():
                 merged.tallies[k].update(v)
+            for k, v in part["replicas"].items():
+                merged.replicas[k] = max(merged.replicas.get(k, v), v)
         return merged
 
     def summary(self) -> dict[str, Any]:
@@ -106,6 +144,7 @@ class StepStats:
             out[name] = self.sums[name] / count if count else None
         out.update(self.totals)
         out.update(self.maxima)
+        out.update(self.replicas)
         for name, counter in self.tallies.items():
             for key, n in sorted(counter.items()):
                 out[f"{name}/{key}"] = n
@@ -114,38 +153,53 @@ class StepStats:
 
 def step_stats(stats: StepStats, record: StepRecord, teachers: Sequence[str]) -> None:
     """This process's share of the step's metrics (counts and sums; merged across processes later)."""
-    rewards, plan, groups = record.rewards, record.plan, record.groups
-    n = rewards.numel()
+    rewards, correct, groups = record.rewards, record.correct, record.groups
+    n, prompts = rewards.numel(), len(record.prompts)
     stats.mean("reward", float(rewards.sum()), n)  # on-policy, before injection
-    stats.mean("reward_mixed", float(plan.rewards.sum()), n)  # the groups the loss saw
-    stats.mean("accuracy", int(record.correct.sum()), n)
-    correct = record.correct.view(rewards.shape)
-    stats.mean("groups/all_wrong", int((~correct.any(dim=1)).sum()), len(record.prompts))
-    stats.mean("groups/all_correct", int(correct.all(dim=1).sum()), len(record.prompts))
+    stats.mean("reward_mixed", sum(r.reward for r in record.rows), n)  # the groups the loss saw
+    stats.mean("accuracy", int(correct.sum()), n)  # the verifier's verdicts
+    stats.mean("groups/all_wrong", int((~correct.any(dim=1)).sum()), prompts)
+    stats.mean("groups/all_correct", int(correct.all(dim=1).sum()), prompts)
     spread = rewards.max(dim=1).values - rewards.min(dim=1).values
-    stats.mean("frac_reward_zero_std", int((spread == 0).sum()), len(record.prompts))  # TRL's: no gradient there
+    stats.mean("frac_reward_zero_std", int((spread == 0).sum()), prompts)  # TRL's: no gradient there
     stats.total("_reward_sq", float((rewards.double() ** 2).sum()))  # for reward_std over every process
     stats.total("_reward_count", n)
-    report = plan.report
-    stats.total("guidance/prompts", report.prompts)
-    stats.total("guidance/needed", report.needed)
-    stats.total("guidance/guided", report.guided)
-    stats.total("guidance/no_trace", report.no_trace)
-    stats.total("guidance/injected", report.injected)
-    stats.tally("guidance/teacher", {name: 0 for name in teachers})
-    stats.tally("guidance/teacher", report.per_teacher)
-    stats.mean_of("comprehension/picked", report.picked_scores)
-    stats.mean_of("comprehension/unpicked", report.unpicked_scores)
-    stats.mean_of("comprehension/gain", report.score_gains)
+    _guidance_stats(stats, record, teachers)
     lengths = [len(r.token_ids) for group in groups for r in group]
     stats.mean_of("response_length/mean", lengths)
     stats.maximum("response_length/max", max(lengths))
     stats.mean("response_length/truncated", sum(r.finish_reason == "length" for g in groups for r in g), len(lengths))
     stats.mean_of("teacher_length/mean", [len(r.response_ids) for r in record.rows if r.is_teacher])
-    if report.prefix_tokens:  # prefix guidance
-        stats.mean_of("guidance/prefix_tokens", report.prefix_tokens)
-        stats.mean("guidance/prefix_solved", report.prefix_solved, len(report.prefix_tokens))
     stats.total("tokens/generated", sum(lengths))
+    # what TRL's num_tokens adds up: every sampled sequence's prompt and completion tokens
+    continuations = [(i.prompt_index, i.continuation) for i in record.plan.injections if i.continuation is not None]
+    prompt_tokens = sum(len(p.token_ids) * len(g) for p, g in zip(record.prompts, groups))
+    stats.total("tokens/sampled", prompt_tokens + sum(lengths) + sum(
+        len(record.prompts[b].token_ids) + len(c.prefix_ids) + len(c.rollout.token_ids) for b, c in continuations))
+    if continuations:  # prefix guidance
+        stats.mean_of("guidance/prefix_tokens", record.plan.report.prefix_tokens)
+        stats.mean("guidance/prefix_solved", sum(c.correct for _, c in continuations), len(continuations))
+
+
+def _guidance_stats(stats: StepStats, record: StepRecord, teachers: Sequence[str]) -> None:
+    report, injections = record.plan.report, record.plan.injections
+    stats.total("guidance/prompts", report.prompts)
+    stats.total("guidance/needed", report.needed)
+    stats.total("guidance/guided", report.guided)
+    stats.tally("guidance/guided_by", report.reasons)
+    stats.total("guidance/no_trace", report.no_trace)
+    stats.total("guidance/injected", report.injected)
+    stats.total("guidance/replaced_correct", sum(i.replaced_correct for i in injections))
+    # as the reference counts them: injected texts whose answer is right / wrong (whole traces are
+    # verified; a prefix continuation is the student's own answer)
+    right = sum(i.continuation is None or i.continuation.correct for i in injections)
+    stats.total("guidance/teacher_correct", right)
+    stats.total("guidance/teacher_incorrect", len(injections) - right)
+    stats.tally("guidance/teacher", {name: 0 for name in teachers})
+    stats.tally("guidance/teacher", report.per_teacher)
+    stats.mean_of("comprehension/picked", report.picked_scores)
+    stats.mean_of("comprehension/unpicked", report.unpicked_scores)
+    stats.mean_of("comprehension/gain", report.score_gains)
 
 
 def trained_stats(stats: StepStats, rows: Sequence[Row]) -> None:
@@ -186,13 +240,14 @@ def _ratio(summary: dict, numerator: str, denominator: str) -> float | None:
     return summary.get(numerator, 0) / total if total else None
 
 
-def finish_metrics(summary: dict, step: int, epoch: float) -> dict:
+def finish_metrics(summary: dict, step: int, epoch: float, totals: dict[str, int] | None = None) -> dict:
     """The merged step summary plus what is derived from it: the guidance fractions, the reward's
     spread, throughput, TRL's names for our numbers, the step and epoch, and ``null`` for the keys
     a step may have no sample of. (docs/metrics.md lists every key.)"""
     summary["guidance/fraction"] = _ratio(summary, "guidance/guided", "guidance/prompts") or 0.0
     summary["guidance/triggered_frac"] = _ratio(summary, "guidance/needed", "guidance/prompts") or 0.0
     summary["guidance/cache_miss_frac"] = _ratio(summary, "guidance/no_trace", "guidance/needed")
+    summary["guidance/k_mean"] = _ratio(summary, "guidance/injected", "guidance/guided")
     count, sum_sq, mean = summary.pop("_reward_count", 0), summary.pop("_reward_sq", None), summary.get("reward")
     summary["reward_std"] = None
     if sum_sq is not None and mean is not None and count > 1:
@@ -204,23 +259,14 @@ def finish_metrics(summary: dict, step: int, epoch: float) -> dict:
     summary["generate_tokens_per_second"] = summary.get("tokens/generated", 0) / gen_time if gen_time else None
     summary["step"] = step
     summary["epoch"] = epoch
-    for key in ("kl", "teacher_token_prob", "rollout/is_weight", "rollout/logprob_diff", "rollout/logprob_diff_max"):
+    summary.update(totals or {})
+    for key in ("kl", "entropy", "teacher_token_prob", "rollout/is_weight", "rollout/logprob_diff", "rollout/logprob_diff_max"):
         summary.setdefault(key, None)
     for alias, ours in {**TRL_NAMES, **GUIDANCE_NAMES}.items():
         summary[alias] = summary.get(ours)
     for key in [k for k in summary if k.startswith("guidance/teacher/")]:
         summary["guidance/injected_per_teacher/" + key.rsplit("/", 1)[1]] = summary[key]
     return summary
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """On resume: drop the lines of a per-step JSONL file (metrics, samples) written after
-    ``step`` (the interrupted run's tail), so each step is logged once."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -277,7 +323,8 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop the interrupted run's lines after the checkpoint (``truncate_jsonl``)."""
-        truncate_jsonl(self.path, step)
+        if truncate_jsonl(self.path, step):
+            self.message(f"note: {self.path} ended with a torn line (the run was killed while writing it): dropped")
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self._file is None:

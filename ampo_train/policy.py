@@ -15,7 +15,8 @@ The engine is told about new weights lazily: ``weights_changed`` only marks them
 many optimizer updates the step made.
 
 Every forward pass returns per-token log-probs, never logits: the LM head runs ``chunk_size``
-positions at a time (``forward.response_logprobs``, ``lm_head.chunked_logprobs``).
+positions at a time (``forward.response_logprobs``, ``lm_head.chunked_logprobs``), or on CUDA
+through the fused kernel (``ForwardSettings.logprob_kernel``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ampo_train.batching import micro_batch_groups
 from ampo_train.config import RolloutSettings
 from ampo_train.data import Row, RowBatch, collate, row_lengths
 from ampo_train.forward import device_of, response_logprobs
-from ampo_train.lm_head import DEFAULT_CHUNK_SIZE
+from ampo_train.lm_head import DEFAULT_CHUNK_SIZE, LogprobKernel
 from ampo_train.rollout import Rollout, RolloutEngine
 
 
@@ -44,6 +45,9 @@ class ForwardSettings:
     # The update's pass with gradients runs the model's own head inside its forward (full response
     # logits): FSDP2 and ZeRO-3 gather the head's parameters only there (forward.response_logprobs).
     head_in_forward: bool = False
+    # auto / chunked / fused (TrainConfig.logprob_kernel): every pass through the head, the update's
+    # and the no-grad old and reference log-probs alike (lm_head.select_logprob_kernel)
+    logprob_kernel: LogprobKernel = "auto"
 
 
 class Policy:
@@ -64,7 +68,7 @@ class Policy:
         self.forward = forward
         self.ref_model = ref_model
         self.full_parameters = full_parameters
-        self._stale = False
+        self._stale = bool(getattr(engine, "starts_stale", False))
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +104,7 @@ class Policy:
         hooks), 0 on padding; the LM head in chunks, so no ``[N, R, V]`` logits."""
         f = self.forward
         return response_logprobs(self.model, mb, f.temperature, None if f.head_in_forward else f.chunk_size,
-                                 with_entropy)
+                                 with_entropy, f.logprob_kernel)
 
     def _reference(self):
         """The reference policy for KL, as a (model, context) pair."""
@@ -120,7 +124,8 @@ class Policy:
             for group in micro_batch_groups(row_lengths(rows), micro_batch_size, max_tokens):
                 chunk = [rows[i] for i in group]
                 mb = collate(chunk, self.pad_id).to(self.device)
-                lp = response_logprobs(model, mb, self.forward.temperature, self.forward.chunk_size).cpu()
+                lp = response_logprobs(model, mb, self.forward.temperature, self.forward.chunk_size,
+                                       kernel=self.forward.logprob_kernel).cpu()
                 for i, row, values in zip(group, chunk, lp):
                     out[i] = values[:len(row.response_ids)].clone()
         return out

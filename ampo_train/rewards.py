@@ -5,8 +5,13 @@
     reward += overlong_penalty(length)    DAPO's soft length penalty (overlong.soft_penalty_tokens)
 
 ``correct`` comes from ``ampo_cache.verify`` (the same judge as the cache build), so a response
-and a cached trace with the same final answer are judged alike. Accuracy is logged from the
-verifier's verdicts, not from the reward, so it means the same with or without the extra terms.
+and a cached trace with the same final answer are judged alike. The two are kept apart: the
+verdict (``Rewards.correct``) is what accuracy, the guidance rules and dynamic sampling read; the
+shaped reward (``Rewards.rewards``) is what the advantages are computed from. So a length penalty
+or a format term never decides that a solved prompt failed.
+
+    rewarder = Rewarder(verifier, cfg.reward, cfg.overlong, cfg.rollout.max_new_tokens)
+    scored = rewarder(texts, answers, lengths)   # rollouts and prefix continuations alike
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ampo_cache.boxed import boxes
-from ampo_cache.verify import Verifier
-from ampo_train.config import RewardSettings
+from ampo_cache.verify import Verifier, answer_position
+from ampo_train.config import OverlongSettings, RewardSettings
 
 
 def format_ok(text: str) -> bool:
@@ -54,10 +59,16 @@ class Rewards:
     statuses: list[str]  # the verifier's status per response
 
 
-def score_responses(verifier: Verifier, texts: Sequence[str], answers: Sequence[str], settings: RewardSettings) -> Rewards:
-    """Verify each response against its prompt's ground truth and turn the verdicts into rewards."""
+def score_responses(verifier: Verifier, texts: Sequence[str], answers: Sequence[str], settings: RewardSettings,
+                    own_from: Sequence[int] | None = None) -> Rewards:
+    """Verify each response against its prompt's ground truth and turn the verdicts into rewards.
+
+    ``own_from``: per response, the character where the student's own text starts (prefix
+    guidance: after the given prefix); a response counts as correct only if the answer the
+    verifier read lies there, so a prefix that already stated the answer earns nothing."""
     verdicts = verifier.verify(list(texts), list(answers))
-    correct = torch.tensor([v.correct for v in verdicts], dtype=torch.bool)
+    correct = torch.tensor([v.correct and (own_from is None or (answer_position(t) or 0) >= own_from[i])
+                            for i, (v, t) in enumerate(zip(verdicts, texts))], dtype=torch.bool)
     rewards = correct.to(torch.float32)
     if settings.format_coef:
         fmt = torch.tensor([format_ok(t) for t in texts], dtype=torch.float32)
@@ -67,3 +78,22 @@ def score_responses(verifier: Verifier, texts: Sequence[str], answers: Sequence[
             [has_repetition(t, settings.repetition_window, settings.repetition_count) for t in texts], dtype=torch.bool)
         rewards = torch.where(repeated & (rewards != 0), rewards - 1.0, rewards)
     return Rewards(rewards, correct, [v.status for v in verdicts])
+
+
+class Rewarder:
+    """The step's reward function: the verifier, the reward terms and DAPO's soft overlong penalty
+    (``overlong.soft_penalty_tokens``), for every response the student wrote (rollouts and prefix
+    continuations: ``lengths`` counts the whole response, a given prefix included)."""
+
+    def __init__(self, verifier: Verifier, settings: RewardSettings, overlong: OverlongSettings, max_tokens: int):
+        self.verifier, self.settings, self.overlong, self.max_tokens = verifier, settings, overlong, max_tokens
+
+    def __call__(self, texts: Sequence[str], answers: Sequence[str], lengths: Sequence[int],
+                 own_from: Sequence[int] | None = None) -> Rewards:
+        """``lengths``: tokens per response (the soft penalty); ``own_from``: see ``score_responses``."""
+        scored = score_responses(self.verifier, texts, answers, self.settings, own_from)
+        if self.overlong.soft_penalty_tokens:
+            penalty = overlong_penalty(torch.tensor(list(lengths)), self.max_tokens, self.overlong.soft_penalty_tokens,
+                                       self.overlong.penalty)
+            scored = Rewards(scored.rewards + penalty, scored.correct, scored.statuses)
+        return scored

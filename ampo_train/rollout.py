@@ -20,7 +20,6 @@ staleness.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -54,6 +53,7 @@ class Rollout:
 
 class RolloutEngine(Protocol):
     name: str
+    starts_stale: bool  # it loaded other weights than the trainer's (a LoRA base): sync before the first rollout
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None, greedy: bool = False,
                  settings: RolloutSettings | None = None) -> list[list[Rollout]]:
@@ -66,15 +66,6 @@ class RolloutEngine(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def rollout_seed(seed: int, step: int, rank: int, round_index: int = 0) -> int:
-    """The sampling seed of one step on one process: a hash of (seed, step, rank), so a resumed run
-    draws what the uninterrupted one would have, and processes never share a stream; dynamic
-    sampling's later rounds of a step (``round_index`` 1, 2, ...) get streams of their own."""
-    key = f"ampo-rollout/{seed}/{step}/{rank}" + (f"/{round_index}" if round_index else "")
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -134,6 +125,7 @@ class TransformersRollout:
     """
 
     name = "transformers"
+    starts_stale = False  # it samples the training module itself
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module], tokenizer, settings: RolloutSettings,
                  private_rng: bool = False):
@@ -264,20 +256,26 @@ def check_engine(settings: RolloutSettings, key: str = "rollout.engine") -> str:
     return engine
 
 
-def open_engine(name: str, settings: RolloutSettings, module: torch.nn.Module, tokenizer,
-                target: EngineTarget | None = None, private_rng: bool = False) -> RolloutEngine:
-    """``transformers``: ``generate`` on ``module`` itself (``private_rng``: see
-    ``TransformersRollout``). ``vllm``: an engine that loads ``target`` and then receives
-    ``module``'s weights through ``sync``."""
+def open_engine(name: str, settings: RolloutSettings, module: torch.nn.Module | Callable[[], torch.nn.Module] | None,
+                tokenizer, target: EngineTarget | Callable[[], EngineTarget] | None = None,
+                private_rng: bool = False) -> RolloutEngine:
+    """The engine ``name`` (``check_engine``), given what either kind needs; each is built only by
+    the engine that uses it, so callers never ask which engine they have:
+
+    - ``transformers``: ``generate`` on ``module`` itself (a module, or a function that loads one);
+      ``private_rng``: see ``TransformersRollout``.
+    - ``vllm``: an engine that loads ``target`` (an ``EngineTarget``, or a function returning one)
+      and then receives the trainer's weights through ``sync``."""
     if name == "transformers":
-        return TransformersRollout(lambda: module, tokenizer, settings, private_rng=private_rng)
+        model = module if isinstance(module, torch.nn.Module) or module is None else module()
+        return TransformersRollout(lambda: model, tokenizer, settings, private_rng=private_rng)
     if name != "vllm":
         raise ValueError(f"unknown rollout engine {name!r}")
     if target is None:
         raise ValueError("a vLLM engine needs an EngineTarget (what it loads)")
     from ampo_train.vllm_rollout import VLLMRollout
 
-    return VLLMRollout(target, settings)
+    return VLLMRollout(target() if callable(target) else target, settings)
 
 
 def student_target(cfg, module: torch.nn.Module, tokenizer, longest_prompt: int, checkpoint_dir: str | None,

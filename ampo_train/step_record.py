@@ -16,10 +16,10 @@ class StepRecord:
     prompts: list[TrainPrompt]  # this process's share of the step's prompts (B)
     groups: list[list[Rollout]]  # G rollouts per prompt
     texts: list[str]  # the rollouts decoded, B x G in order
-    correct: Tensor  # [B x G] bool: the verifier's verdicts (before any injection)
-    rewards: Tensor  # [B, G] on-policy rewards
-    plan: GuidancePlan  # the injections and the mixed group's rewards
-    rows: list[Row]  # the mixed batch the loss saw, B x G in order
+    correct: Tensor  # [B, G] bool: the verifier's verdicts of the rollouts (what the guidance rules read)
+    rewards: Tensor  # [B, G] the rollouts' shaped rewards (format, repetition, overlong penalty)
+    plan: GuidancePlan  # the injections
+    rows: list[Row]  # the mixed batch the loss saw, B x G in order (sampling.build_rows)
 
     @property
     def group_size(self) -> int:

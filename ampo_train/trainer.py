@@ -3,17 +3,28 @@
 
     1. sample    this process's share of the step's prompts, G rollouts each (the rollout engine,
                  transformers or a colocated vLLM, gets the new weights once, here)
-    2. reward    the shared verifier (1 correct / 0 wrong, optional format and repetition terms)
-    3. guide     prompts the mode selects (adaptive: all G wrong) get their cached teacher traces,
-                 ranked by the student's comprehension; the top k replace k wrong rollouts (reward 1)
-    4. advantage A = r - mean(r) over each mixed group (std-normalisation optional)
+    2. reward    the shared verifier's verdicts, and the shaped rewards: optional format and
+                 repetition terms, DAPO's soft overlong penalty (rewards.Rewarder)
+    3. guide     the run's guide (chosen once in setup: whole traces, or with guidance.prefix their
+                 prefixes continued by the student) asks the trigger rule which prompts get traces
+                 and how many (guidance.mode: adaptive = all G wrong, pass_threshold, adaptive_k,
+                 always, hybrid, off), ranks their cached traces (guidance.rank: comprehension,
+                 trace_likelihood, random) and picks the slots they take (guided_step)
+    4. rows      the mixed batch, built once (sampling.build_rows): rewards, verdicts, the loss mask
+                 (overlong.filter), A = r - mean(r) over each mixed group; with dynamic_sampling
+                 more rounds until the step has its groups with a spread (sampling.fill_step)
     5. old log-probs under no_grad (and the reference's, for KL) when the step makes more than one
                  update; with one update they equal the current ones detached (ratio exactly 1)
     6. update    per mini-batch: micro-batches (gradient accumulation), mixed loss (PPO clip with
-                 dual clip on rollout tokens, f(p) = p/(p+gamma) on teacher tokens), clip, step
+                 dual clip on rollout tokens, f(p) = p/(p+gamma) on teacher tokens), clip, step; the
+                 LR placed by the step's progress (schedule.py)
     7. log       metrics gathered from every process; evaluation every N steps; a few samples
 
-``guidance.mode: off`` is plain GRPO through exactly this code: step 3 then changes nothing.
+Every option of train.yaml that changes a step: rollout (engine, sampling, is_correction), reward
+(format_coef, repetition_penalty), overlong (filter, soft_penalty_tokens), guidance (mode, pass_num,
+k, rank, score, replace, prefix, ...), dynamic_sampling, loss (aggregation, advantage_scale,
+clipping, shaping_gamma, entropy_coef, kl_coef), the batch sizes, lr_scheduler; config.py documents
+each. ``guidance.mode: off`` is plain GRPO through exactly this code: step 3 then changes nothing.
 Multi-process (``accelerate launch``): every process trains on its own slice of the prompts, DDP
 averages the gradients, and the main process alone writes metrics and checkpoints. The modules
 each step calls are listed in ``ampo_train/__init__.py``.
@@ -24,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,25 +49,27 @@ from ampo_cache.lookup import TraceIndex
 from ampo_cache.prompts import load_prompts
 from ampo_cache.store import TraceStore
 from ampo_cache.verify import Verifier
-from ampo_train.advantages import group_advantages, has_spread
 from ampo_train.checkpoint import (CheckpointContent, LoadedCheckpoint, find_checkpoint, load_checkpoint, restore_rng,
                                    rng_state, save_checkpoint, save_final)
 from ampo_train.config import TrainConfig
-from ampo_train.data import PromptSampler, Row, TrainPrompt, assistant_text, prepare_prompts, rank_slice
+from ampo_train.data import PromptSampler, TrainPrompt, prepare_prompts, rank_positions
 from ampo_train.distributed import (full_parameters, full_state_dict, layout, load_optimizer_state, local_memory,
                                     make_accelerator, numel, optimizer_state, parameter_digest, shards_parameters)
 from ampo_train.evaluation.benchmarks import BenchItem
-from ampo_train.guided_step import PrefixGuide, StudentScorer, TraceSource, mixed_rows, plan_guidance
+from ampo_train.guided_step import Guide, open_guide
 from ampo_train.loading import load_reference, load_student, load_tokenizer
-from ampo_train.metrics import MetricsLogger, PhaseTimer, StepStats, finish_metrics, step_stats, trained_stats
+from ampo_train.metrics import MetricsLogger, Name, PhaseTimer, StepStats, finish_metrics, step_stats, trained_stats
 from ampo_train.miss_log import MissLog
 from ampo_train.policy import ForwardSettings, Policy
-from ampo_train.rewards import overlong_penalty, score_responses
-from ampo_train.rollout import check_engine, open_engine, rollout_seed, student_target
+from ampo_train.rewards import Rewarder
+from ampo_train.rollout import check_engine, open_engine, student_target
+from ampo_train.sampling import RowSettings, build_rows, fill_step
+from ampo_train.schedule import UpdateSchedule
+from ampo_train.seeds import RoundSeeds
 from ampo_train.step_record import StepRecord
 from ampo_train.tracking import Trackers, tracker_names
 from ampo_train.training_eval import SampleLog, evaluate_during_training, load_eval_benchmarks
-from ampo_train.update import Optimization, agreed_count, prepare_rows, update_policy
+from ampo_train.update import Optimization, UpdateSettings, agreed_count, sampling_logprobs, update_policy
 
 # Test hook: when set, every process writes DIR/rank{N}.json (its prompts per step and a hash of
 # its final trainable parameters, and its memory), so a multi-process test can check the ranks'
@@ -76,9 +88,10 @@ class Run:
     optimization: Optimization  # the wrapped model, optimizer and LR schedule
     prompts: list[TrainPrompt]  # every training prompt, rendered and tokenised
     sampler: PromptSampler  # the prompt order (saved in checkpoints)
-    guidance_rng: random.Random  # this process's draws for guidance (saved in checkpoints)
     index: TraceIndex | None  # the store's correct traces for the training prompts (None: no guidance)
     verifier: Verifier
+    rewarder: Rewarder  # the verifier's verdicts and the shaped rewards (format, repetition, overlong penalty)
+    guide: Guide  # whole traces or prefixes (guided_step.open_guide), with the trigger and ranking rules
     benchmarks: dict[str, list[BenchItem]]  # evaluation during training (empty: none)
     trackers: Trackers | None = None  # TensorBoard, W&B, MLflow... through Accelerate (report_to)
     logger: MetricsLogger | None = None  # main process only: metrics.jsonl and the console
@@ -86,7 +99,8 @@ class Run:
     miss_log: MissLog | None = None  # main process only: the prompts the store had no trace for
     teachers: list[str] = field(default_factory=list)  # the store's teachers (every step logs each one's count)
     start_step: int = 0  # the checkpoint's step when resuming
-    num_tokens: int = 0  # prompt + response tokens trained on so far (TRL's num_tokens; saved in checkpoints)
+    num_tokens: int = 0  # prompt + completion tokens sampled so far (TRL's num_tokens; saved in checkpoints)
+    trained_tokens: int = 0  # prompt + response tokens trained on so far (tokens/trained_total; saved too)
     history: list[dict] = field(default_factory=list)  # the metrics logged by this call
     warned_skip: bool = False  # a skipped non-finite update was reported (once per run)
     debug: dict = field(default_factory=dict)  # DEBUG_DIR_ENV's record
@@ -135,21 +149,24 @@ def run_step(run: Run, step: int) -> dict:
     cfg, policy = run.cfg, run.policy
     timer, stats = PhaseTimer(), StepStats()
     step_start = time.perf_counter()
+    settings = UpdateSettings.from_config(cfg, step)
 
     # Steps 1-5 are passes without gradients, as many as each process needs: under FSDP2 every
     # process holds the whole model for them (gathered once, freed before the update).
     with policy.full_parameters():
-        # 1-4. sample, reward, guide, advantages (sample_round); with dynamic sampling, more rounds
-        #      until the step has enough groups with a gradient, and only those are trained on
-        records, rows = sample_step(run, step, timer, stats)
+        # 1-4. sample, reward, guide, rows (sample_round); with dynamic sampling, more rounds
+        #      until the step has enough groups with a spread, and only those are trained on
+        records, rows = fill_step(lambda round_index: sample_round(run, step, round_index, timer, stats),
+                                  cfg.dynamic_sampling, cfg.prompts_per_step // run.world, cfg.group_size,
+                                  lambda count: agreed_count(count, policy.device, op="min"), stats)
 
         # 5. old (and reference) log-probs, before the first update
         with timer("logprobs"):
-            prepare_rows(policy, rows, cfg, stats)
+            logprobs = sampling_logprobs(policy, rows, settings, stats)
 
     # 6. updates: mini-batches of prompts, accumulated over micro-batches
     with timer("update"):
-        norms = update_policy(policy, rows, cfg, stats, run.optimization)
+        norms = update_policy(policy, rows, logprobs, settings, stats, run.optimization, step)
     _warn_skipped(run, step, norms)
 
     # 7. metrics, gathered from every process; evaluation; samples
@@ -157,10 +174,12 @@ def run_step(run: Run, step: int) -> dict:
         step_stats(stats, record, run.teachers)
     trained_stats(stats, rows)
     timer.record(stats)
-    stats.maximum("time/step", time.perf_counter() - step_start)
-    metrics = finish_metrics(StepStats.merge(gather_object([stats.to_dict()])).summary(), step, run.sampler.epochs)
-    run.num_tokens += int(metrics["tokens/trained"])
-    metrics["num_tokens"] = run.num_tokens
+    stats.maximum(Name.STEP_TIME, time.perf_counter() - step_start)
+    summary = StepStats.merge(gather_object([stats.to_dict()])).summary()
+    run.num_tokens += int(summary.get("tokens/sampled", 0))
+    run.trained_tokens += int(summary.get("tokens/trained", 0))
+    metrics = finish_metrics(summary, step, run.sampler.epochs,
+                             {"num_tokens": run.num_tokens, "tokens/trained_total": run.trained_tokens})
     metrics.update(_evaluate(run, step))
     _log(run, step, metrics, records)
     return metrics
@@ -172,72 +191,33 @@ def sample_round(run: Run, step: int, round_index: int, timer: PhaseTimer, stats
     cfg, policy, tokenizer, G = run.cfg, run.policy, run.tokenizer, run.cfg.group_size
     # 1. sample: this process's slice of the step's prompts, G rollouts each, from the current
     #    weights (pushed to the engine once here if the last step changed them)
-    batch = [run.prompts[i] for i in rank_slice(run.sampler.next_batch(cfg.prompts_per_step), run.rank, run.world)]
+    order = run.sampler.next_batch(cfg.prompts_per_step)
+    positions = rank_positions(len(order), run.rank, run.world, cfg.prompts_per_update)
+    batch = [run.prompts[order[i]] for i in positions]
     run.debug["prompt_ids"].append([p.prompt_id for p in batch])
-    seed = rollout_seed(cfg.seed, step, run.rank, round_index)
+    seeds = RoundSeeds(cfg.seed, step, round_index, tuple(positions), chunk=cfg.rollout.batch_size or len(batch))
     with timer("sync"):
-        stats.total("rollout/sync_bytes", policy.sync())
-    with timer("generate"):
-        groups = policy.generate([p.token_ids for p in batch], G, seed=seed)
+        stats.total(Name.SYNC_BYTES, policy.sync())
+    with timer("generate"):  # one call per chunk of prompts, each from its own seeded stream (seeds.py)
+        groups = [group for start, end, seed in seeds.chunks()
+                  for group in policy.generate([p.token_ids for p in batch[start:end]], G, seed=seed)]
 
-    # 2. reward: the verifier on the decoded responses (accuracy is logged before any injection)
+    # 2. reward: the verifier's verdicts (what accuracy and the guidance rules read) and the shaped
+    #    rewards (what the advantages are computed from)
     with timer("reward"):
         texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for group in groups for r in group]
-        scored = score_responses(run.verifier, texts, [p.answer for p in batch for _ in range(G)], cfg.reward)
-        rewards = scored.rewards.view(len(batch), G)
-        if cfg.overlong.soft_penalty_tokens:
-            lengths = torch.tensor([len(r.token_ids) for group in groups for r in group])
-            rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.overlong.soft_penalty_tokens,
-                                                 cfg.overlong.penalty).view(len(batch), G)
+        scored = run.rewarder(texts, [p.answer for p in batch for _ in range(G)],
+                              [len(r.token_ids) for group in groups for r in group])
 
-    # 3. guide: cached teacher traces replace wrong rollouts of the prompts the mode selects (with
-    #    prefix guidance: their prefixes, which the student continues)
+    # 3. guide: cached teacher traces (or their prefixes, continued by the student) for the prompts
+    #    the trigger rule selects
+    correct = scored.correct.view(len(batch), G)
     with timer("guidance"):
-        source = TraceSource(run.index.lookup if run.index is not None else None,
-                             StudentScorer(policy, tokenizer, batch, cfg.guidance, cfg.target_length),
-                             text_of=lambda b, trace: assistant_text(trace.text, batch[b].text))
-        plan = plan_guidance([p.prompt_id for p in batch], rewards, source, cfg.guidance, run.guidance_rng,
-                             cfg.reward.correct_threshold)
-        continuations = None
-        if cfg.guidance.prefix is not None:
-            continuations = PrefixGuide(policy, tokenizer, run.verifier, cfg).continue_traces(batch, plan, step, seed + 1)
-    rows = mixed_rows(batch, groups, plan, tokenizer, cfg.target_length, continuations)
-    if cfg.overlong.filter:  # DAPO: a rollout cut at the budget teaches nothing about its ending
-        for row in rows:
-            row.in_loss = row.is_teacher or row.finished
+        plan = run.guide.plan(batch, correct, step, seeds)
 
-    # 4. advantages over each mixed group
-    advantages = group_advantages(plan.rewards, scale=cfg.loss.advantage_scale).flatten().tolist()
-    for row, advantage in zip(rows, advantages):
-        row.advantage = advantage
-    return StepRecord(batch, groups, texts, scored.correct, rewards, plan, rows)
-
-
-def sample_step(run: Run, step: int, timer: PhaseTimer, stats: StepStats) -> tuple[list[StepRecord], list[Row]]:
-    """One round, or with dynamic sampling (DAPO) rounds until every process has its share of
-    ``prompts_per_step`` groups with a reward spread (at most ``max_resample_rounds`` more); the
-    groups without spread are dropped. The processes agree on each round and on the groups kept,
-    so they make the same updates. Returns every round's record and the rows to train on."""
-    cfg, G = run.cfg, run.cfg.group_size
-    first = sample_round(run, step, 0, timer, stats)
-    if not cfg.dynamic_sampling.enabled:
-        return [first], first.rows
-    target, records, kept = cfg.prompts_per_step // run.world, [first], []
-    while True:
-        record = records[-1]
-        for b in has_spread(record.plan.rewards).nonzero().flatten().tolist():
-            kept.extend(record.rows[b * G:(b + 1) * G])
-        agreed = agreed_count(len(kept) // G, run.policy.device, op="min")
-        if agreed >= target or len(records) > cfg.dynamic_sampling.max_resample_rounds:
-            break
-        records.append(sample_round(run, step, len(records), timer, stats))
-    groups = min(agreed, target)
-    drawn = sum(len(r.prompts) for r in records)
-    stats.total("dynamic/rounds", len(records) - 1)
-    stats.total("dynamic/drawn_groups", drawn)
-    stats.total("dynamic/kept_groups", groups)
-    stats.total("dynamic/dropped_groups", drawn - groups)
-    return records, kept[:groups * G]
+    # 4. the mixed batch, built once: rewards, verdicts, loss mask, advantages over each mixed group
+    rows = build_rows(batch, groups, scored, plan, tokenizer, RowSettings.from_config(cfg))
+    return StepRecord(batch, groups, texts, correct, scored.rewards.view(len(batch), G), plan, rows)
 
 
 def _log(run: Run, step: int, metrics: dict, records: Sequence[StepRecord]) -> None:
@@ -305,9 +285,11 @@ def setup(cfg: TrainConfig, resume: str | Path | None = None) -> Run:
     index = open_trace_index(cfg, prompts)
     optimization = _optimization(cfg, accelerator, student)
     policy = _policy(cfg, optimization, tokenizer, engine_name, prompts, checkpoint)
+    verifier = Verifier(timeout=cfg.reward.verify_timeout, workers=cfg.reward.verify_workers)
+    rewarder = Rewarder(verifier, cfg.reward, cfg.overlong, cfg.rollout.max_new_tokens)
+    guide = open_guide(cfg, index.lookup if index is not None else None, policy, tokenizer, rewarder)
     run = Run(cfg, accelerator, policy, tokenizer, optimization, prompts, PromptSampler(len(prompts), cfg.seed),
-              random.Random(1_000_003 * cfg.seed + accelerator.process_index), index,
-              Verifier(timeout=cfg.reward.verify_timeout, workers=cfg.reward.verify_workers), benchmarks,
+              index, verifier, rewarder, guide, benchmarks,
               teachers=sorted(set(index.table.column("teacher").to_pylist())) if index is not None else [],
               debug={"rank": accelerator.process_index, "prompt_ids": []})
     set_seed(cfg.seed + run.rank)
@@ -337,14 +319,11 @@ def open_trace_index(cfg: TrainConfig, prompts: Sequence[TrainPrompt]) -> TraceI
 
 
 def _optimization(cfg: TrainConfig, accelerator: Accelerator, student: torch.nn.Module) -> Optimization:
-    from transformers import get_scheduler
-
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    # The scheduler stays unprepared: it counts real optimizer updates, whatever the process count.
-    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.warmup_steps else cfg.lr_scheduler
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps * cfg.updates_per_step)
+                                  betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                  fused=cfg.adam_fused)
+    # The schedule stays unprepared: it is placed by the step's progress, whatever the process count.
+    scheduler = UpdateSchedule(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.updates_per_step, cfg.max_steps)
     model, optimizer = accelerator.prepare(student, optimizer)
     return Optimization(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
 
@@ -356,17 +335,14 @@ def _policy(cfg: TrainConfig, optimization: Optimization, tokenizer, engine_name
     accelerator = optimization.accelerator
     module = accelerator.unwrap_model(optimization.model)
     reference = load_reference(cfg, accelerator)
-    target = None
-    if engine_name == "vllm":
-        target = student_target(cfg, module, tokenizer, max(len(p.token_ids) for p in prompts),
-                                None if checkpoint is None else str(checkpoint.model_dir), accelerator.num_processes)
-    engine = open_engine(engine_name, cfg.rollout, module, tokenizer, target)
-    forward = ForwardSettings(cfg.rollout.temperature, cfg.logit_chunk_size, shards_parameters(accelerator))
-    policy = Policy(optimization.model, engine, tokenizer.pad_token_id, forward, module=module, ref_model=reference,
-                    full_parameters=lambda: full_parameters(accelerator, module))
-    if target is not None and target.lora_rank is not None:
-        policy.weights_changed()  # the engine loaded the base only: push the adapter before the first rollout
-    return policy
+    # Every generate call samples from a stream seeded for it (private_rng; seeds.RoundSeeds)
+    engine = open_engine(engine_name, cfg.rollout, module, tokenizer, lambda: student_target(
+        cfg, module, tokenizer, max(len(p.token_ids) for p in prompts),
+        None if checkpoint is None else str(checkpoint.model_dir), accelerator.num_processes), private_rng=True)
+    forward = ForwardSettings(cfg.rollout.temperature, cfg.logit_chunk_size, shards_parameters(accelerator),
+                              logprob_kernel=cfg.logprob_kernel)
+    return Policy(optimization.model, engine, tokenizer.pad_token_id, forward, module=module, ref_model=reference,
+                  full_parameters=lambda: full_parameters(accelerator, module))
 
 
 def _restore(run: Run, checkpoint: LoadedCheckpoint) -> None:
@@ -375,8 +351,9 @@ def _restore(run: Run, checkpoint: LoadedCheckpoint) -> None:
     run.optimization.scheduler.load_state_dict(checkpoint.scheduler)
     run.sampler.load_state_dict(checkpoint.state["data"])
     run.num_tokens = int(checkpoint.state.get("num_tokens", 0))
+    run.trained_tokens = int(checkpoint.state.get("trained_tokens", 0))
     if len(checkpoint.rng_states) == run.world:
-        restore_rng(checkpoint.rng_states[run.rank], run.guidance_rng)
+        restore_rng(checkpoint.rng_states[run.rank])
     elif run.accelerator.is_main_process:
         print(f"note: checkpoint has RNG states for {len(checkpoint.rng_states)} processes, this run has "
               f"{run.world}: sampling continues from fresh seeds")
@@ -422,12 +399,13 @@ def save_run_checkpoint(run: Run, step: int) -> None:
     """Checkpoint: every process's RNG state, and under FSDP2 and ZeRO every shard of the weights
     and the optimizer state, are gathered; the main process writes."""
     cfg, module, accelerator = run.cfg, run.policy.module, run.accelerator
-    rng_states = gather_object([rng_state(run.guidance_rng)])
+    rng_states = gather_object([rng_state()])
     weights = full_state_dict(accelerator, module)
     optimizer_dict = optimizer_state(module, run.optimization.optimizer)
     if accelerator.is_main_process:
         state = {"data": run.sampler.state_dict(), "world_size": run.world, "layout": layout(accelerator),
-                 "max_steps": cfg.max_steps, "num_tokens": run.num_tokens, "config": json.loads(cfg.model_dump_json())}
+                 "max_steps": cfg.max_steps, "num_tokens": run.num_tokens,
+                 "trained_tokens": run.trained_tokens, "config": json.loads(cfg.model_dump_json())}
         content = CheckpointContent(module, weights, optimizer_dict, run.optimization.scheduler.state_dict(),
                                     rng_states, state)
         save_checkpoint(cfg.output_dir / "checkpoints", step, content, keep=cfg.keep_checkpoints)

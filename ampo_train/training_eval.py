@@ -22,8 +22,7 @@ from accelerate.utils import gather_object
 from ampo_train.config import EvalDuringTraining, TrainConfig
 from ampo_train.evaluation.benchmarks import BenchItem, load_benchmark
 from ampo_train.evaluation.runner import EvalSettings, Sampler, check_settings, metric_values, sample_benchmarks, summaries
-from ampo_train.metrics import truncate_jsonl
-from ampo_train.rollout import open_engine
+from ampo_common.jsonl import truncate_jsonl
 from ampo_train.step_record import StepRecord
 
 
@@ -51,13 +50,10 @@ def evaluate_during_training(policy, tokenizer, benchmarks: dict[str, list[Bench
     """This process's share of the evaluation; on the main process (rank 0) the pooled metrics."""
     settings = eval_settings(cfg)
     mine = {name: items[rank::world] for name, items in benchmarks.items()}
-    # transformers: a private-RNG engine on the unwrapped model (eval mode while sampling); another
-    # engine (vLLM) is asked through the policy, which pushes the current weights first.
-    if policy.engine.name == "transformers":
-        engine = open_engine("transformers", cfg.rollout, policy.module, tokenizer, private_rng=True)
-    else:
-        engine = policy
-    sampler = Sampler(engine, tokenizer, settings, rollout=cfg.rollout, name=policy.engine.name)
+    # Through the policy, which pushes the current weights to its engine first (vLLM); every call
+    # samples from its own seeded stream, so the training run's draws are untouched.
+    sampler = Sampler(policy, tokenizer, settings, rollout=cfg.rollout, name=policy.engine.name,
+                      context=getattr(policy.module.config, "max_position_embeddings", None))
     records = sample_benchmarks(sampler, mine, settings, verifier)
     shares = gather_object([records]) if world > 1 else [records]
     if rank != 0:
@@ -81,7 +77,6 @@ class SampleLog:
         """Guided prompts first (their groups show the injected traces), then the others; returns
         the rows written (the trackers' sample table)."""
         batch, rows, texts, plan, group_size = record.prompts, record.rows, record.texts, record.plan, record.group_size
-        correct = record.correct.tolist()
         scores = {(inj.prompt_index, inj.slot): inj.score for inj in plan.injections}
         guided = sorted({inj.prompt_index for inj in plan.injections})
         order = guided + [b for b in range(len(batch)) if b not in guided]
@@ -97,7 +92,7 @@ class SampleLog:
                         "step": step, "prompt_id": batch[b].prompt_id, "prompt": batch[b].prompt.problem,
                         "answer": batch[b].answer, "sample": g, "response": text, "reward": row.reward,
                         "advantage": row.advantage,
-                        "correct": None if replaced else bool(correct[b * group_size + g]),
+                        "correct": row.correct,  # the verifier's verdict (a whole teacher trace: verified)
                         "finished": row.finished, "injected": row.is_teacher, "teacher": row.teacher,
                         "prefix_tokens": row.prefix_len,
                         "comprehension": scores.get((b, g)),

@@ -87,6 +87,7 @@ class VLLMRollout:
         self.on_gpu = on_gpu
         self.eos_ids = list(target.eos_ids)
         self.lora = target.lora_rank is not None
+        self.starts_stale = self.lora  # it loaded the base only: the adapter goes in before the first rollout
         self.sleep_mode = on_gpu if v.sleep_mode is None else (v.sleep_mode and on_gpu)
         kwargs = dict(
             model=target.model, tokenizer=target.tokenizer, dtype=target.dtype, seed=target.seed,

@@ -165,7 +165,7 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
     from ampo_train.rewards import score_responses
     from ampo_train.forward import response_logprobs
     from ampo_train.policy import ForwardSettings, Policy
-    from ampo_train.update import PlainBackward, minibatch_backward
+    from ampo_train.update import PlainBackward, RowLogprobs, UpdateSettings, minibatch_backward
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -199,11 +199,9 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
     scored = score_responses(verifier, texts, answers, cfg.reward)
     rewards = scored.rewards.view(len(PROBLEMS), G)
     ours_adv = group_advantages(rewards, scale=cfg.loss.advantage_scale).flatten()
-    rows = [Row(ours_prompts[i // G].token_ids, list(ids), float(rewards.flatten()[i]),
-                finished=ids[-1] == tokenizer.eos_token_id)
-            for i, ids in enumerate(completions)]
-    for row, a in zip(rows, ours_adv.tolist()):
-        row.advantage = a
+    rows = [Row(ours_prompts[i // G].token_ids, list(ids), float(rewards.flatten()[i]), bool(scored.correct[i]),
+                finished=ids[-1] == tokenizer.eos_token_id, advantage=a)
+            for i, (ids, a) in enumerate(zip(completions, ours_adv.tolist()))]
 
     # ---- two fresh copies of the same model
     torch.manual_seed(seed)
@@ -219,8 +217,6 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
             current = response_logprobs(model_ours, mb, cfg.rollout.temperature)
         noise = torch.randn(current.shape, generator=gen) * OLD_LOGP_NOISE
         old_by_row = (current + noise) * mb.response_mask  # padding: 0 (never used by either side)
-        for i, row in enumerate(rows):
-            row.old_logp = old_by_row[i, :len(row.response_ids)].clone()
 
     # ---- TRL: its own prompt handling, reward call, advantages and loss
     args = GRPOConfig(
@@ -271,7 +267,8 @@ def run_case(case: Case, model_dir: Path, tokenizer_dir: Path, work: Path, seed:
 
     stats = StepStats()
     policy = Policy(model_ours, None, tokenizer.pad_token_id, ForwardSettings(cfg.rollout.temperature))
-    minibatch_backward(policy, rows, cfg, stats, Recording())
+    old = None if old_by_row is None else [old_by_row[i, :len(row.response_ids)].clone() for i, row in enumerate(rows)]
+    minibatch_backward(policy, rows, UpdateSettings.from_config(cfg), stats, Recording(), RowLogprobs(old))
     loss_ours = sum(losses)
     grads_ours = {n: p.grad.detach().clone() for n, p in model_ours.named_parameters() if p.grad is not None}
     verifier.close()

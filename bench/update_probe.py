@@ -4,7 +4,7 @@ real vocabulary (or a Qwen2-0.5B-shaped model on a GPU), through our trainer's c
 ``bench/gpu_check.py`` share.
 
     probe = UpdateProbe(vocab=151936, rows=8, response_tokens=1024, lora=True)
-    update = make_update("ours", probe, work_dir)      # or "trl"
+    update = make_update("ours", probe, work_dir)      # or "ours-chunked", "ours-fused", "trl"
     update(probe_batch(probe))                         # one forward + backward, gradients accumulated
     result = measure(update, probe)                    # warm-up, then the timed update, its RSS peak
 
@@ -61,6 +61,7 @@ class UpdateProbe:
     autocast: bool = False  # bf16 autocast around each update (fp32 weights), on both sides
     gradient_checkpointing: bool = False
     logit_chunk_size: int = 256  # ours: train.yaml's logit_chunk_size
+    logprob_kernel: str = "auto"  # ours: train.yaml's logprob_kernel (arms ours-chunked / ours-fused set it)
 
     @property
     def micro(self) -> int:
@@ -161,25 +162,52 @@ def ours_config(probe: UpdateProbe, work: Path):
                  "entropy_coef": 0.0, "kl_coef": 0.0},
         "lora": ({"r": probe.lora_r, "alpha": probe.lora_alpha, "dropout": 0.0,
                   "target_modules": lora_config(probe).target_modules} if probe.lora else None),
-        "tensorboard": False, "logit_chunk_size": probe.logit_chunk_size,
+        "tensorboard": False, "logit_chunk_size": probe.logit_chunk_size, "logprob_kernel": probe.logprob_kernel,
     })
+
+
+ARMS = ("ours", "ours-chunked", "ours-fused", "trl")  # ours-*: ours with logprob_kernel chunked / fused
+
+
+def what_ran(model, head=None, kernel: str | None = None) -> dict:
+    """What an arm's model actually runs with: gradient checkpointing, the attention implementation
+    and, for ours, the log-prob path ``kernel`` resolves to for ``head`` on this device."""
+    inner = getattr(model, "get_base_model", lambda: model)()
+    info = {"gradient_checkpointing": bool(getattr(inner, "is_gradient_checkpointing", False)),
+            "attn_implementation": getattr(inner.config, "_attn_implementation", None)}
+    if head is not None and kernel is not None:
+        from ampo_train.lm_head import select_logprob_kernel
+
+        try:
+            choice = select_logprob_kernel(kernel, head, next(inner.parameters()).device)
+            info.update(logprob_kernel=choice.kernel, logprob_kernel_reason=choice.reason)
+        except ValueError as exc:
+            info.update(logprob_kernel="error", logprob_kernel_reason=str(exc))
+    return info
 
 
 def make_update(arm: str, probe: UpdateProbe, work: Path):
     """``update(batch)``: one forward + backward of ``batch`` (``probe_batch``) on ``arm``'s side,
-    gradients accumulated into the model's parameters (the caller zeroes them)."""
+    gradients accumulated into the model's parameters (the caller zeroes them). ``update.ran`` says
+    what actually runs (``what_ran``)."""
     from transformers.utils import logging as hf_logging
 
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r} (one of {', '.join(ARMS)})")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model = probe_model(probe)
     tokenizer = probe_tokenizer()
     autocast = torch.autocast(probe.device.split(":")[0], dtype=torch.bfloat16, enabled=probe.autocast)
-    if arm == "ours":
+    if arm.startswith("ours"):
+        if arm != "ours":
+            from dataclasses import replace
+
+            probe = replace(probe, logprob_kernel=arm.split("-", 1)[1])
         from ampo_train.data import Row
         from ampo_train.metrics import StepStats
         from ampo_train.policy import ForwardSettings, Policy
-        from ampo_train.update import minibatch_backward
+        from ampo_train.update import UpdateSettings, minibatch_backward
 
         cfg = ours_config(probe, work)
         if probe.lora:
@@ -187,18 +215,18 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
 
             model = get_peft_model(model, lora_config(probe))
         policy = Policy(model, None, tokenizer.pad_token_id,
-                        ForwardSettings(cfg.rollout.temperature, cfg.logit_chunk_size))
+                        ForwardSettings(cfg.rollout.temperature, cfg.logit_chunk_size,
+                                        logprob_kernel=cfg.logprob_kernel))
 
         def update(batch):
             rows = [Row(p.tolist(), r.tolist(), 0.0, advantage=float(a))
                     for p, r, a in zip(batch["prompt"], batch["response"], batch["advantages"])]
             with autocast:
-                minibatch_backward(policy, rows, cfg, StepStats())
+                minibatch_backward(policy, rows, UpdateSettings.from_config(cfg), StepStats())
             model.zero_grad(set_to_none=True)
 
+        update.ran = what_ran(model, model.get_output_embeddings(), cfg.logprob_kernel)
         return update
-    if arm != "trl":
-        raise ValueError(f"unknown arm {arm!r}")
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -233,6 +261,7 @@ def make_update(arm: str, probe: UpdateProbe, work: Path):
             loss.backward()
         trainer.model.zero_grad(set_to_none=True)
 
+    update.ran = what_ran(trainer.model)
     return update
 
 

@@ -18,8 +18,11 @@ from ampo_cache.coverage import coverage_report
 from ampo_common.errors import InputError
 from ampo_cache.export import FORMATS as EXPORT_FORMATS
 from ampo_cache.export import export as export_store
-from ampo_cache.importer import import_traces
-from ampo_cache.layouts import LAYOUTS, resolve_layout
+from ampo_cache.agreement import agreement_rows
+from ampo_cache.importer import ImportSummary, import_sources
+from ampo_cache.inputs import DEFAULT_SPLIT, ImportSource, open_sources
+from ampo_cache.layouts import LAYOUTS
+from ampo_cache.readers import ShardedTable
 from ampo_cache.merge import PREFER, merge as merge_stores
 from ampo_cache.schema import TABLES
 from ampo_cache.store import TraceStore
@@ -51,11 +54,17 @@ def _names(value: Optional[str]) -> Optional[list[str]]:
 
 @app.command("import")
 def import_cmd(
-    traces: Path = typer.Argument(..., help="JSONL, Parquet or CSV file of traces (long, nested or wide layout)."),
+    traces: list[str] = typer.Argument(..., metavar="INPUT", help="JSONL, Parquet or CSV file of traces (long, "
+                                       "nested, wide or generations layout), or a dataset folder of Parquet shards "
+                                       "(data/train-00000-of-0000N.parquet); TEACHER=INPUT makes every trace of "
+                                       "INPUT that teacher's (several: per-teacher subsets joined on the problem)."),
     store: Path = StoreOpt,
     layout: str = typer.Option("auto", help=f"{' | '.join(LAYOUTS)}: one row per trace (long), per prompt with a "
-                                            "list of traces (nested) or with a column per teacher (wide)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher name for nested traces that name none (LUFFY's `target`)."),
+                                            "list of traces (nested), with a column per teacher (wide) or with a "
+                                            "list of one teacher's generations and their labels (generations)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher name for traces that name none: LUFFY's `target`, a "
+                                                     "long file without a teacher column, the generations layout "
+                                                     "(default there: deepseek-r1, OpenR1-Math-220k's teacher)."),
     teacher_cols: Optional[str] = typer.Option(None, help="Wide layout: the teacher columns, `a,b,c` or a glob "
                                                           "(default `trace_*`: the `*` part names the teacher)."),
     problem_col: str = typer.Option("problem", help="Column with the problem text (`question`, or a verl chat-list "
@@ -63,39 +72,89 @@ def import_cmd(
     answer_col: str = typer.Option("answer", help="Column with the ground-truth answer (`reward_model.ground_truth` "
                                                   "also accepted)."),
     teacher_col: str = typer.Option("teacher", help="Long layout: column naming the teacher model."),
-    trace_col: str = typer.Option("trace", help="Long layout: column with the teacher's trace (`text` also accepted)."),
-    label_col: Optional[str] = typer.Option(None, help="Column with the source's own correctness label, kept as source_label."),
-    trust_labels: bool = typer.Option(False, help="Use --label-col as `correct` instead of verifying."),
+    trace_col: str = typer.Option("trace", help="Long layout: column with the teacher's trace (`text` or "
+                                                "`generation` also accepted)."),
+    label_col: Optional[str] = typer.Option(None, help="Column with the source's own correctness label, kept as "
+                                                       "source_label (long layout); generations layout: its label "
+                                                       "columns `a,b` (default: correctness_math_verify, "
+                                                       "correctness_llama). Agreement with our verifier is reported."),
+    trust_labels: bool = typer.Option(False, help="Use --label-col as `correct` instead of verifying (long layout)."),
+    split: str = typer.Option(DEFAULT_SPLIT, help="Dataset folder: the split whose shards to read "
+                                                  "(SPLIT-0000K-of-0000N.parquet)."),
+    subset: Optional[str] = typer.Option(None, help="Dataset folder: the subset folder to read (default: data/ if "
+                                                    "there is one, else the folder itself; e.g. extended)."),
     source: Optional[str] = typer.Option(None, help="Value of prompts.source (default: the file name)."),
     timeout: float = typer.Option(5.0, help="Seconds allowed to verify one trace."),
     workers: Optional[int] = typer.Option(None, help="Verifier processes (default: CPU count; 0 = in-process)."),
     shard_rows: int = typer.Option(2000, help="Traces per shard written (the most a kill can lose)."),
 ):
-    """Import traces (long, nested or wide layout), verifying each against its ground truth."""
+    """Import traces (long, nested, wide or generations layout; files or dataset folders), verifying each."""
     with user_errors(), Verifier(timeout=timeout, workers=workers) as verifier:
-        chosen = resolve_layout(traces, layout, problem_col=problem_col, answer_col=answer_col,
-                                teacher_col=teacher_col, trace_col=trace_col, label_col=label_col,
-                                teacher=teacher, teacher_cols=teacher_cols)
-        # The layout line and the bar appear once the file has been checked, so a rejected file
-        # prints only its error.
-        with Progress(TextColumn("[bold]importing {task.description}"), BarColumn(), MofNCompleteColumn(),
+        sources = open_sources(traces, layout=layout, split=split, subset=subset, problem_col=problem_col,
+                               answer_col=answer_col, teacher_col=teacher_col, trace_col=trace_col,
+                               label_col=label_col, teacher=teacher, teacher_cols=teacher_cols)
+        names = ", ".join(s.name for s in sources)
+        # The layout line and the bar appear once the inputs have been checked, so a rejected input
+        # prints only its error (the checking counter is taken away before the error is printed).
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("traces"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-            task = None
+            task, checking = progress.add_task(f"checking {names}", total=None), True
 
             def start(total: int) -> None:
-                nonlocal task
-                console.print(f"layout: {chosen.describe()}" + (" (detected)" if layout == "auto" else ""),
-                              highlight=False, soft_wrap=True)
-                task = progress.add_task(traces.name, total=total)
+                nonlocal task, checking
+                progress.remove_task(task)
+                for item in sources:
+                    console.print(_layout_line(item, len(sources) > 1, layout == "auto"), highlight=False,
+                                  soft_wrap=True)
+                task, checking = progress.add_task(f"importing {names}", total=total), False
 
-            summary = import_traces(
-                traces, store, chosen, verifier, trust_labels=trust_labels, source=source, chunk_rows=shard_rows,
-                on_start=start, on_rows=lambda n: progress.advance(task, n),
-            )
+            try:
+                summary = import_sources(
+                    sources, store, verifier, trust_labels=trust_labels, source=source, chunk_rows=shard_rows,
+                    on_checked=lambda n: progress.advance(task, n), on_start=start,
+                    on_rows=lambda n: progress.advance(task, n),
+                )
+            except InputError:
+                if checking:
+                    progress.remove_task(task)
+                raise
+    print_import_summary(summary, f"import {names} -> {store}", several=len(sources) > 1)
+
+
+def _layout_line(item: ImportSource, several: bool, detected: bool) -> str:
+    """``[TEACHER=]NAME: layout: ... (detected) (N shards)``; the name only where it tells something."""
+    named = several or item.teacher
+    who = f"{item.teacher}={item.name}" if item.teacher else item.name
+    shards = len(item.data.files) if isinstance(item.data, ShardedTable) else 0
+    return ((f"{who}: " if named else "") + f"layout: {item.describe()}" + (" (detected)" if detected else "")
+            + (f" ({shards} shard{'s' if shards > 1 else ''})" if shards else ""))
+
+
+# The rows of the agreement table: "they" is the publisher's label, "we" our verifier.
+AGREEMENT_MEASURES = [
+    ("labelled traces", lambda a: a.compared), ("they: correct", lambda a: a.publisher_correct),
+    ("we: correct", lambda a: a.verifier_correct),
+    ("agree", lambda a: "-" if a.rate is None else f"{a.agreed} ({a.rate:.1%})"),
+    ("they yes, we no", lambda a: a.publisher_only), ("they no, we yes", lambda a: a.verifier_only),
+    ("not labelled", lambda a: a.unlabelled),
+]
+
+
+def print_import_summary(summary: ImportSummary, title: str, several: bool) -> None:
     rows = [("rows read", summary.rows), ("prompts added", summary.prompts_added),
             ("traces added", summary.traces_added), ("duplicates skipped", summary.duplicates)]
     rows += [(f"  {status}", count) for status, count in sorted(summary.statuses.items())]
-    console.print(make_table(f"import {traces.name} -> {store}", ["", "count"], rows))
+    if several:
+        rows += [("problems in the inputs", summary.problems), ("  in every input", summary.problems_in_every_input)]
+        rows += [(f"traces added: {teacher}", n) for teacher, n in sorted(summary.traces_by_teacher.items())]
+    console.print(make_table(title, ["", "count"], rows))
+    teachers: dict[str, list] = {}
+    for counts in agreement_rows(summary.agreement):
+        teachers.setdefault(counts.teacher, []).append(counts)
+    for teacher, labels in teachers.items():  # one short table per teacher: a column per label column
+        rows = [(name, *(value(a) for a in labels)) for name, value in AGREEMENT_MEASURES]
+        console.print(make_table(f"{teacher}: our verifier vs the publisher's labels",
+                                 ["", *(a.label for a in labels)], rows))
 
 
 @app.command()

@@ -63,8 +63,10 @@ def build(
 def _experiment(settings, title: str) -> None:
     from tinyworld.determinism import describe
     from tinyworld.experiment import SHORT_LEGEND, prepare_world, summarise, table_rows, train_and_evaluate, write_outputs
+    from tinyworld.published import reproduction_line
 
     prepare_world(settings)
+    console.print(reproduction_line(settings.world), highlight=False)  # its weights vs tinyworld/published_world.json
     train_and_evaluate(settings)
     summary = summarise(settings)
     paths = write_outputs(settings, summary)
@@ -111,7 +113,8 @@ def experiment(
     folder: Path = typer.Argument(Path("tiny"), help="The tiny world's folder (built there when missing)."),
     arms: str = typer.Option("grpo,ampo", help="Comma-separated arms: grpo, ampo, ampo-k2, ampo-k4, ampo-random, "
                                                "ampo-always, ampo-prefix, ampo-dynamic, grpo-dynamic, "
-                                               "ampo-prefix-dynamic (see tinyworld/experiment.py)."),
+                                               "ampo-prefix-dynamic, ampo-pass4, ampo-adaptive-k, "
+                                               "ampo-adaptive-k-dynamic (see tinyworld/experiment.py)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds; every arm runs every seed."),
     samples: int = typer.Option(16, min=1, help="Sampled answers per test problem."),
     out: Optional[Path] = typer.Option(None, help="Where runs, evaluations and figures go (default FOLDER/experiment)."),

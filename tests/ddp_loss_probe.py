@@ -18,7 +18,7 @@ from ampo_train.data import Row
 from ampo_train.distributed import make_accelerator, shutdown
 from ampo_train.metrics import StepStats
 from ampo_train.policy import Policy
-from ampo_train.update import Optimization, prepare_rows, update_policy
+from ampo_train.update import Optimization, UpdateSettings, sampling_logprobs, update_policy
 from tests.trainer_fixtures import make_tokenizer
 
 # Two prompts of G = 2 rows; rank 0 gets the first prompt (long responses), rank 1 the second
@@ -47,10 +47,10 @@ def main(student: str, aggregation: str, out: str) -> None:
     policy = Policy(model, None, make_tokenizer().pad_token_id, module=module, ref_model=reference)
     share = len(ROWS) // world
     rows = [Row(p, r, 0.0, advantage=a) for p, r, a in ROWS[rank * share:(rank + 1) * share]]
-    stats = StepStats()
-    prepare_rows(policy, rows, cfg, stats)
+    stats, settings = StepStats(), UpdateSettings.from_config(cfg)
+    logprobs = sampling_logprobs(policy, rows, settings, stats)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    update_policy(policy, rows, cfg, stats, Optimization(accelerator, model, optimizer, scheduler))
+    update_policy(policy, rows, logprobs, settings, stats, Optimization(accelerator, model, optimizer, scheduler))
     if accelerator.is_main_process:
         save_file({n: (start[n] - p.detach()).contiguous() for n, p in module.named_parameters()}, out)
     shutdown()

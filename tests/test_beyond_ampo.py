@@ -16,8 +16,7 @@ from ampo_common.errors import InputError
 from ampo_train.advantages import has_spread
 from ampo_train.config import PrefixSettings, load_train_config
 from ampo_train.data import Row, collate
-from ampo_train.guided_step import answer_start
-from ampo_train.prefix import prefix_fraction, prefix_length
+from ampo_train.prefix import answer_start, prefix_fraction, prefix_length
 from ampo_train.rewards import overlong_penalty
 from ampo_train.trainer import train
 from tests.trainer_fixtures import base_config, make_tokenizer, make_world, write_config
@@ -59,6 +58,14 @@ def test_prefix_is_cut_at_a_token_and_before_the_answer():
     assert prefix_length([(0, 2), (2, 4), (4, 9), (9, 12), (12, 19)], 8, 1.0) == 2
     assert answer_start(r"so \boxed{\boxed{3}}") == 3  # the outermost box around the answer
     assert answer_start("no box here") is None
+    # the first place any answer form appears: the answer stated in prose before its box, "the
+    # answer is", an R1-style box inside the thinking before the final one
+    assert answer_start(text, "42") == 6  # "=42 " states it before the box
+    assert answer_start("17+25 gives 42. So the answer is: \\boxed{42}", "42") == 12
+    assert answer_start("so the answer is 7, see", None) == 3
+    r1 = "<think>\n17+25: 7+5=12, carry.\n\\boxed{42}\n</think>\nThe sum is \\boxed{42}"
+    assert answer_start(r1, "42") == r1.index("\\boxed")
+    assert answer_start("12+30=142 and 4.2 then 42", "42") == 23  # a standalone number only
 
 
 def test_a_prefix_row_trains_its_continuation_and_masks_or_trains_its_prefix():

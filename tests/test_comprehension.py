@@ -177,7 +177,7 @@ def test_score_candidates_other_kinds_and_trace_likelihood(tiny):
     assert got[2] == float("-inf")
 
     # trace likelihood: mean log p over every character of the UNMODIFIED trace
-    got = score_candidates(model, tok, MESSAGES, TRACES, "0.5", Scoring(rank="trace_likelihood"))
+    got = score_candidates(model, tok, MESSAGES, TRACES, "0.5", Scoring(scored="trace"))
     for text, score in zip(TRACES, got):
         assert score == pytest.approx(_manual_logprobs(model, vocab, prompt_text, text, 1.0).mean().item(), rel=1e-5)
 

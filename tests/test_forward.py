@@ -102,7 +102,7 @@ def test_no_pass_ever_holds_more_than_one_chunk_of_logits():
         sizes.clear()
         traces = ["x" * 600 + " \\boxed{3}", "y" * 500 + " \\boxed{4}"]
         tok = make_tokenizer()
-        scores = score_candidates(model, tok, "what is 1+2?", traces, "3", Scoring(rank="trace_likelihood", chunk_size=1))
+        scores = score_candidates(model, tok, "what is 1+2?", traces, "3", Scoring(scored="trace", chunk_size=1))
         assert len(scores) == 2 and all(s < 0 for s in scores)
         assert max(sizes) <= chunk * VOCAB and sum(sizes) >= 1100 * VOCAB
         sizes.clear()

@@ -6,10 +6,15 @@ import torch
 from ampo_cache.lookup import CachedTrace
 from ampo_train.config import GuidanceSettings
 from ampo_train.guidance import (
+    NOT_GUIDED,
+    TRIGGERS,
+    Trigger,
+    can_replace_correct,
     candidate_traces,
-    needs_guidance,
     rank_candidates,
-    replace_rollouts,
+    register_trigger,
+    replacement_slots,
+    trigger_rule,
 )
 
 
@@ -38,39 +43,82 @@ def test_config_defaults_match_the_reference_run():
             GuidanceSettings(**bad)
 
 
-# ---------------------------------------------------------------- which prompts
+# ---------------------------------------------------------------- which prompts, how many
 
-REWARDS = torch.tensor([
-    [0.0, 0, 0, 0],  # all wrong
-    [1.0, 0, 0, 0],  # one right
-    [0.0, 0, 0, 0],  # all wrong
-    [1.0, 1, 1, 1],  # all right
-])
-
-
-def test_needs_guidance_adaptive_always_off():
-    # adaptive: success rate < 1/G  <=>  no correct rollout -> prompts 0 and 2
-    assert needs_guidance(REWARDS, "adaptive").tolist() == [True, False, True, False]
-    assert needs_guidance(REWARDS, "always").tolist() == [True, True, True, True]
-    assert needs_guidance(REWARDS, "off").tolist() == [False, False, False, False]
+CORRECT = [
+    [False] * 4,  # all wrong
+    [True, False, False, False],  # one right
+    [False] * 4,  # all wrong
+    [True] * 4,  # all right
+]
 
 
-def test_needs_guidance_hybrid_draws_once_per_non_failed_prompt():
+def decide(mode, correct=CORRECT, rng=None, **settings):
+    cfg = GuidanceSettings(mode=mode, **settings)
+    return [trigger_rule(mode).decide(c, cfg, rng or random.Random(0)) for c in correct]
+
+
+def test_adaptive_always_off():
+    # adaptive: success rate < 1/G  <=>  no correct rollout -> prompts 0 and 2, k traces each
+    assert decide("adaptive", k=2) == [Trigger("all_wrong", 2), NOT_GUIDED, Trigger("all_wrong", 2), NOT_GUIDED]
+    assert decide("all_wrong", k=2) == decide("adaptive", k=2)  # the rule's own name
+    assert [t.reason for t in decide("always")] == ["all_wrong", "always", "all_wrong", "always"]
+    assert decide("off") == [NOT_GUIDED] * 4
+
+
+def test_hybrid_draws_once_per_non_failed_prompt():
     # prompts 1 and 3 have correct rollouts; draws 0.1 (< 0.3: guided) and 0.5 (>= 0.3: not).
     rng = ScriptedRng([0.1, 0.5])
-    assert needs_guidance(REWARDS, "hybrid", rng, hybrid_fraction=0.3).tolist() == [True, True, True, False]
+    assert [t.reason for t in decide("hybrid", rng=rng, hybrid_fraction=0.3)] == ["all_wrong", "hybrid", "all_wrong",
+                                                                                   None]
     assert rng.values == []  # exactly two draws: failed prompts consume none
     # fraction 0 -> only the failed ones; fraction 1 -> all
-    assert needs_guidance(REWARDS, "hybrid", random.Random(0), 0.0).tolist() == [True, False, True, False]
-    assert needs_guidance(REWARDS, "hybrid", random.Random(0), 1.0).tolist() == [True, True, True, True]
+    assert [t.guided for t in decide("hybrid", hybrid_fraction=0.0)] == [True, False, True, False]
+    assert [t.guided for t in decide("hybrid", hybrid_fraction=1.0)] == [True, True, True, True]
 
 
-def test_needs_guidance_threshold_and_bool_flags():
-    # 0.9 x correct + 0.1 x format: 0.1 is a formatted wrong answer, 0.9 a correct one (> 0.5).
-    mixed = torch.tensor([[0.1, 0.1], [0.9, 0.1], [1.0, 0.0]])
-    assert needs_guidance(mixed, "adaptive").tolist() == [True, False, False]
-    flags = torch.tensor([[False, False], [True, False]])
-    assert needs_guidance(flags, "adaptive").tolist() == [True, False]
+GROUPS_OF_8 = [[True] * c + [False] * (8 - c) for c in range(9)]  # 0..8 correct of 8
+
+
+def test_pass_threshold_guides_below_pass_num_of_g_with_k_traces():
+    # pass_num 4 of 8 (the reference's run script): 0..3 correct are guided, 4..8 are not; k stays k
+    got = decide("pass_threshold", GROUPS_OF_8, k=2, pass_num=4)
+    assert [t.k for t in got] == [2, 2, 2, 2, 0, 0, 0, 0, 0]
+    assert [t.reason for t in got[:4]] == ["all_wrong", "below_threshold", "below_threshold", "below_threshold"]
+    # pass_num 1 is the paper's rule: only the all-wrong group
+    assert [t.guided for t in decide("pass_threshold", GROUPS_OF_8, pass_num=1)] == [True] + [False] * 8
+
+
+def test_adaptive_k_aims_at_half_right_half_wrong():
+    # G = 8: below a success rate of 0.5, int(8 x 0.5 - correct) traces: 0 -> 4, 1 -> 3, 2 -> 2, 3 -> 1
+    got = decide("adaptive_k", GROUPS_OF_8, k=2)  # guidance.k is not read
+    assert [t.k for t in got] == [4, 3, 2, 1, 0, 0, 0, 0, 0]
+    assert [t.guided for t in got] == [True, True, True, True, False, False, False, False, False]
+    assert got[0].reason == "all_wrong" and got[3].reason == "below_threshold"
+    # odd G = 5: 2 correct is below half, but int(2.5 - 2) = 0 traces: not guided
+    five = [[True] * c + [False] * (5 - c) for c in range(6)]
+    assert [t.k for t in decide("adaptive_k", five)] == [2, 1, 0, 0, 0, 0]
+
+
+def test_replacing_correct_rollouts_is_the_rule_s_default_or_the_setting():
+    assert not can_replace_correct(GuidanceSettings(mode="adaptive"))
+    assert not can_replace_correct(GuidanceSettings(mode="adaptive_k"))
+    assert can_replace_correct(GuidanceSettings(mode="always"))
+    assert not can_replace_correct(GuidanceSettings(mode="always", replace="wrong_only"))
+
+
+def test_a_new_rule_is_one_function_and_one_name():
+    @register_trigger("first_half", wrong_only=True, guides_solved=True)
+    def first_half(correct, settings, rng):
+        return Trigger("below_threshold", 1) if sum(correct) * 2 < len(correct) else NOT_GUIDED
+
+    try:
+        assert GuidanceSettings(mode="first_half").mode == "first_half"  # the config accepts it by name
+        assert [t.guided for t in decide("first_half", GROUPS_OF_8[:6])] == [True] * 4 + [False] * 2
+    finally:
+        del TRIGGERS["first_half"]
+    with pytest.raises(ValueError, match="unknown guidance mode 'first_half'"):
+        GuidanceSettings(mode="first_half")
 
 
 # ---------------------------------------------------------------- candidates
@@ -135,38 +183,47 @@ def test_rank_random_ignores_scores():
 
 def test_replace_in_an_all_wrong_group():
     # G=8 all wrong, two traces; random.Random(0).sample(range(8), 2) == [6, 7]
-    rewards = torch.zeros(8)
-    positions, new = replace_rollouts(rewards, ["t0", "t1"], random.Random(0))
-    assert positions == [6, 7]
-    assert new.tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
-    assert rewards.tolist() == [0] * 8  # input untouched
-    # advantages of that group would be +0.75 / -0.25 (see test_advantages)
+    assert replacement_slots([False] * 8, 2, random.Random(0)) == [6, 7]
 
 
 def test_replace_only_wrong_rollouts():
     # wrong positions {1, 2, 4}; random.Random(3).sample([1, 2, 4], 2) == [1, 4]
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1])
-    positions, new = replace_rollouts(rewards, ["a", "b"], random.Random(3), mode="always")
-    assert positions == [1, 4]
-    assert new.tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
+    correct = [True, False, False, True, False, True, True, True]
+    assert replacement_slots(correct, 2, random.Random(3)) == [1, 4]
 
 
-def test_replace_shortfall_fills_from_correct_in_always_and_hybrid_only():
+def test_replace_shortfall_fills_from_correct_only_when_allowed():
     # one wrong rollout (#1) for two traces: #1 first, then a correct one.
     # random.Random(5): sample([1], 1) == [1], then sample([0, 2, 3, 4, 5, 6, 7], 1) == [6]
-    rewards = torch.tensor([1.0, 0, 1, 1, 1, 1, 1, 1])
-    positions, new = replace_rollouts(rewards, ["a", "b"], random.Random(5), mode="hybrid")
-    assert positions == [1, 6]
-    assert new.tolist() == [1.0] * 8
+    correct = [True, False, True, True, True, True, True, True]
+    assert replacement_slots(correct, 2, random.Random(5), replace_correct=True) == [1, 6]
     with pytest.raises(ValueError):
-        replace_rollouts(rewards, ["a", "b"], random.Random(5), mode="adaptive")
+        replacement_slots(correct, 2, random.Random(5))
     with pytest.raises(ValueError):
-        replace_rollouts(torch.zeros(2), ["a", "b", "c"], random.Random(0))
+        replacement_slots([False] * 2, 3, random.Random(0), replace_correct=True)
+    assert replacement_slots([False, True], 0, random.Random(0)) == []
 
 
-def test_replace_nothing_and_bool_flags():
-    positions, new = replace_rollouts(torch.tensor([0.0, 1.0]), [], random.Random(0))
-    assert positions == [] and new.tolist() == [0.0, 1.0]
-    # bool correctness flags in, float rewards out; only slot 0 is wrong
-    positions, new = replace_rollouts(torch.tensor([False, True]), ["a"], random.Random(0))
-    assert positions == [0] and new.tolist() == [1.0, 1.0]
+def test_impossible_rule_settings_are_one_line():
+    from ampo_common.errors import InputError
+    from ampo_train.config import load_train_config
+    from tests.trainer_fixtures import base_config, write_config
+
+    with pytest.raises(ValueError, match="unknown guidance rank 'best'"):
+        GuidanceSettings(rank="best")
+    import tempfile
+    from pathlib import Path
+
+    from tests.trainer_fixtures import make_world
+
+    root = Path(tempfile.mkdtemp())
+    world = make_world(root / "world", num_prompts=2, covered=0.5)
+    path = write_config(root / "train.yaml", base_config(world, root / "out"))  # group_size 4
+    with pytest.raises(InputError, match=r"guidance.pass_num \(5\) cannot exceed group_size \(4\)"):
+        load_train_config(path, ["guidance.mode=pass_threshold", "guidance.pass_num=5"])
+    with pytest.raises(InputError, match="replaces wrong rollouts only .* remove guidance.replace"):
+        load_train_config(path, ["guidance.mode=adaptive_k", "guidance.replace=wrong_first"])
+    cfg = load_train_config(path, ["guidance.mode=adaptive_k", "guidance.replace=wrong_only"])
+    assert cfg.guidance.mode == "adaptive_k"
+    assert load_train_config(path, ["guidance.mode=adaptive", "guidance.replace=wrong_first"]).guidance.replace \
+        == "wrong_first"  # harmless there: an all-wrong group has no correct rollout to replace

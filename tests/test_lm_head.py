@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ampo_train.lm_head import _row_blocks, chunked_logprobs, effective_chunk_size
 from ampo_train.loss import token_entropy, token_logprobs
@@ -332,7 +333,7 @@ def test_row_blocks_cover_rows_in_equal_large_blocks():
 def test_logits_are_not_kept_for_backward():
     # What autograd keeps between forward and backward, seen through saved-tensor hooks: the plain
     # path keeps [N, T, V]-sized tensors; the chunked path keeps nothing of vocabulary size
-    # (checkpointing keeps each chunk's inputs and re-creates its logits in the backward). The
+    # (it keeps the chunks' inputs and the head's weight, and re-creates the logits in the backward). The
     # peak RSS itself is measured by bench/lm_head_memory.py (too slow for a unit test: showing a
     # bound well under the full logits takes logits far larger than a chunk).
     torch.manual_seed(0)
@@ -341,11 +342,14 @@ def test_logits_are_not_kept_for_backward():
     hidden = torch.randn(n, t, h, requires_grad=True)
     targets = torch.randint(0, v, (n, t))
 
+    params = {p.data_ptr() for p in head.parameters()}
+
     def largest_saved(fn):
         sizes = []
 
         def pack(x):
-            sizes.append(x.numel())
+            if x.data_ptr() not in params:  # the head's own weight is saved by reference, no copy
+                sizes.append(x.numel())
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
@@ -356,3 +360,185 @@ def test_logits_are_not_kept_for_backward():
     _, chunked = largest_saved(lambda: chunked_logprobs(hidden, head, targets, chunk_size=16, with_entropy=True))
     assert plain >= n * t * v
     assert chunked < v  # nothing of vocabulary size at all
+
+
+# ---------------------------------------------------------------- the plain-Linear path and the cheap fixes
+
+class _OpLog(TorchDispatchMode):
+    """Every ATen op that runs inside the context, with its output shapes (forward and backward: on
+    CPU the backward runs on the calling thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.ops.append((str(func), [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+    def count(self, name: str, shape: tuple[int, ...] | None = None, last_dim: int | None = None) -> int:
+        return sum(1 for op, shapes in self.ops if op == name and any(
+            (shape is None or s == shape) and (last_dim is None or (s and s[-1] == last_dim)) for s in shapes))
+
+    def vocab_sized(self, vocab: int) -> list[str]:
+        """The ops that wrote a tensor whose last dimension is the vocabulary (per-logit work)."""
+        return [op for op, shapes in self.ops if any(len(s) == 2 and s[-1] == vocab for s in shapes)]
+
+
+def _plain_and_generic(head, hidden, targets, temperature, chunk_size, with_entropy, passes=2):
+    """Outputs and accumulated gradients (hidden, then the head's parameters) through the plain-Linear
+    path (``head`` itself) and through the generic chunk loop (the same head behind a lambda)."""
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(targets.shape, generator=gen) for _ in range(2)]
+    results = []
+    for fn in (head, lambda x: head(x)):
+        hidden.grad = None
+        head.zero_grad(set_to_none=True)
+        for _ in range(passes):  # the second pass accumulates into .grad, as micro-batches do
+            out = chunked_logprobs(hidden, fn, targets, temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+            lp, ent = out if with_entropy else (out, None)
+            loss = (lp * weights[0]).sum() + ((ent * weights[1]).sum() if ent is not None else 0.0)
+            loss.backward()
+        grads = [hidden.grad] + [p.grad for p in head.parameters()]
+        results.append((lp.detach(), None if ent is None else ent.detach(), [g.clone() for g in grads if g is not None]))
+    return results
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_plain_linear_head_is_bit_for_bit_the_generic_chunk_loop(with_entropy, bias, temperature):
+    # A plain Linear goes through _LinearHeadLogProbs (one function, one weight-gradient accumulator);
+    # on CPU in float32 it must give exactly what calling the head chunk by chunk gave.
+    torch.manual_seed(0)
+    head = nn.Linear(8, 37, bias=bias)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    targets = torch.randint(0, 37, (3, 5))
+    (lp, ent, grads), (lp0, ent0, grads0) = _plain_and_generic(head, hidden, targets, temperature, 4, with_entropy)
+    assert torch.equal(lp, lp0)
+    assert ent is None or torch.equal(ent, ent0)
+    assert len(grads) == len(grads0) == 2 + bias
+    for g, g0 in zip(grads, grads0):
+        assert torch.equal(g, g0)
+
+
+def test_frozen_head_is_cast_once_under_autocast():
+    # LoRA's frozen float32 head under bf16 autocast: autocast caches casts of leaves that require
+    # grad only, so calling the head per chunk cast the whole [V, H] weight in every chunk's forward
+    # and again in its recomputation. The plain-Linear path casts it once per call.
+    torch.manual_seed(0)
+    v, h, chunks = 64, 8, 6
+    head = nn.Linear(h, v, bias=False).requires_grad_(False)
+    hidden = torch.randn(chunks * 4, h, requires_grad=True)
+    targets = torch.randint(0, v, (chunks * 4,))
+    results = {}
+    for name, fn in (("plain", head), ("generic", lambda x: head(x))):
+        hidden.grad = None
+        with _OpLog() as log, torch.autocast("cpu", dtype=torch.bfloat16):
+            lp, ent = chunked_logprobs(hidden, fn, targets, chunk_size=4, with_entropy=True)
+            (lp.sum() + ent.sum()).backward()
+        results[name] = (log.count("aten._to_copy.default", shape=(v, h)), lp.detach(), hidden.grad.clone())
+    assert results["generic"][0] == 2 * chunks  # before: forward and recomputation, every chunk
+    assert results["plain"][0] == 1
+    assert torch.equal(results["plain"][1], results["generic"][1])  # the same bf16 weight, the same numbers
+    assert torch.equal(results["plain"][2], results["generic"][2])
+
+
+def test_trainable_head_weight_gradient_is_accumulated_once():
+    # Full fine-tuning: each chunk's [V, H] weight-gradient product goes into one accumulator (two
+    # fresh [V, H] tensors for the call, the accumulator and one buffer that every later product
+    # reuses), where the chunk loop made a fresh one per chunk; the sum is the float64 reference's.
+    torch.manual_seed(0)
+    v, h, chunks = 53, 8, 5
+    head = nn.Linear(h, v, bias=False)
+    hidden = torch.randn(chunks * 3, h, requires_grad=True)
+    targets = torch.randint(0, v, (chunks * 3,))
+    counts = {}
+    for name, fn in (("plain", head), ("generic", lambda x: head(x))):
+        head.zero_grad(set_to_none=True)
+        lp = chunked_logprobs(hidden, fn, targets, 0.7, chunk_size=3)
+        with _OpLog() as log:
+            lp.sum().backward()
+        counts[name] = (log.count("aten.mm.default", shape=(v, h)) + log.count("aten.mm.default", shape=(h, v)),
+                        log.count("aten.mm.out", shape=(v, h)))
+    assert counts["generic"] == (chunks, 0)
+    assert counts["plain"] == (2, chunks - 2)
+    w64 = head.weight.detach().double().requires_grad_()
+    z = hidden.detach().double() @ w64.T / 0.7
+    torch.log_softmax(z, -1).gather(-1, targets[:, None]).sum().backward()
+    assert float((head.weight.grad.double() - w64.grad).norm() / w64.grad.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["plain", "generic"])
+def test_no_entropy_work_unless_asked(kind):
+    # with_entropy=False: no per-logit entropy op in the forward (the exp/mul/sum of softmax * (lse - z)).
+    # An entropy returned but detached (a metric): its backward is exactly the log-prob-only backward.
+    torch.manual_seed(0)
+    v = 41
+    head = nn.Linear(8, v)
+    fn = head if kind == "plain" else (lambda x: head(x))
+    hidden = torch.randn(12, 8, requires_grad=True)
+    targets = torch.randint(0, v, (12,))
+    forward_ops, backward_ops, grads = {}, {}, {}
+    for with_entropy in (False, True):
+        with _OpLog() as log:
+            out = chunked_logprobs(hidden, fn, targets, 0.7, chunk_size=5, with_entropy=with_entropy)
+        forward_ops[with_entropy] = log.vocab_sized(v)
+        lp = out[0] if with_entropy else out  # the entropy, if any, is left out of the loss: detached
+        hidden.grad = None
+        with _OpLog() as log:
+            lp.sum().backward()
+        backward_ops[with_entropy], grads[with_entropy] = log.vocab_sized(v), hidden.grad.clone()
+    assert "aten.exp_.default" not in forward_ops[False] and "aten.mul_.Tensor" not in forward_ops[False]
+    assert forward_ops[True].count("aten.exp_.default") == 3  # one per chunk of 5, 5, 2 positions
+    assert backward_ops[True] == backward_ops[False]
+    assert torch.equal(grads[True], grads[False])
+
+
+def test_kernel_selection_without_a_gpu():
+    from ampo_train.lm_head import select_logprob_kernel, triton_available
+
+    head = nn.Linear(4, 7)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    choice = select_logprob_kernel("auto", head, cpu)
+    assert choice.kernel == "chunked" and "cpu device" in choice.reason
+    assert select_logprob_kernel("chunked", head, cuda).kernel == "chunked"
+    on_cuda = select_logprob_kernel("auto", head, cuda)  # the rule only: nothing runs on the device
+    assert on_cuda.kernel == ("fused" if triton_available() else "chunked")
+    if not triton_available():
+        assert "triton is not importable" in on_cuda.reason
+        with pytest.raises(ValueError, match="logprob_kernel: fused cannot run here: triton"):
+            select_logprob_kernel("fused", head, cuda)
+    with pytest.raises(ValueError, match="auto, chunked or fused"):
+        select_logprob_kernel("fast", head, cpu)
+
+
+def test_kernel_selection_keeps_called_heads_chunked():
+    from ampo_train.lm_head import plain_head_problem, select_logprob_kernel, triton_available
+
+    lora = _lora_head(8, 23)
+    assert "not a plain torch.nn.Linear" in plain_head_problem(lora)
+    hooked = nn.Linear(8, 23)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    assert "forward hooks" in plain_head_problem(hooked)
+    assert plain_head_problem(nn.Linear(8, 23)) is None
+    if triton_available():
+        choice = select_logprob_kernel("auto", lora, torch.device("cuda"))
+        assert choice.kernel == "chunked" and "not a plain" in choice.reason
+
+
+def test_logprob_kernel_setting_is_auto_by_default_and_checked(tmp_path):
+    from pydantic import ValidationError
+
+    from ampo_train.config import TrainConfig
+    from ampo_train.policy import ForwardSettings
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"problem": "1 + 1?", "answer": "2"}\n')
+    base = {"student": "s", "prompts": str(prompts), "output_dir": str(tmp_path / "out")}
+    assert TrainConfig.model_validate(base).logprob_kernel == "auto" == ForwardSettings().logprob_kernel
+    assert TrainConfig.model_validate({**base, "logprob_kernel": "fused"}).logprob_kernel == "fused"
+    with pytest.raises(ValidationError, match="1 validation error for TrainConfig\nlogprob_kernel"):
+        TrainConfig.model_validate({**base, "logprob_kernel": "fast"})

@@ -102,30 +102,78 @@ def test_build_refuses_to_replace_an_unrelated_folder(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-@pytest.mark.skipif(not __import__("tinyworld.determinism", fromlist=["applies"]).applies(),
-                    reason="the float pins apply on x86-64 only")
-def test_builds_under_other_thread_counts_and_instruction_sets_are_bit_identical(tmp_path):
-    """`ampo-cache tiny-world build` pins its float order (tinyworld.determinism): a build with 1
-    thread and MKL capped to AVX2, and one with 3 threads, write the same weights to the bit. The
-    third build, unpinned with 1 thread, shows the check can fail: its weights differ."""
-    import hashlib
+def _pins_apply() -> bool:
+    from tinyworld.determinism import applies
+
+    return applies()
+
+
+def _build_small(folder, **env) -> dict[str, str]:
+    """`ampo-cache tiny-world build --size small` in a subprocess with ``env`` on top of ours; the
+    weight hashes of its models."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from tinyworld.published import world_hashes
+
     repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "cli.cache", "tiny-world", "build", str(folder), "--size", "small"],
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **env}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return world_hashes(folder)
 
-    def build(name: str, **env) -> dict[str, str]:
-        folder = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "cli.cache", "tiny-world", "build", str(folder), "--size", "small"],
-                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **env}, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return {model: hashlib.sha256((folder / model / "model.safetensors").read_bytes()).hexdigest()
-                for model in ("student", "teachers/forward", "teachers/largest")}
 
-    one_thread = build("one", OMP_NUM_THREADS="1", MKL_ENABLE_INSTRUCTIONS="AVX2")
-    assert build("three", OMP_NUM_THREADS="3") == one_thread
-    unpinned = build("native", OMP_NUM_THREADS="1", AMPO_NATIVE_FLOATS="1")
+@pytest.mark.skipif(not _pins_apply(), reason="the float pins apply on x86-64 only")
+def test_builds_under_other_thread_counts_and_instruction_sets_are_the_published_world(tmp_path):
+    """`ampo-cache tiny-world build` pins its float order (tinyworld.determinism): a build whose
+    parent environment asks for 1 thread, ATen's default kernels, MKL's AVX2 branch capped to AVX2
+    and dynamic threads, and one with 3 threads, write the same weights to the bit, and they are
+    the published small world's (tinyworld/published_world.json): this machine builds what the
+    README's machine built. The third build, unpinned with 1 thread, shows the check can fail."""
+    from tinyworld.published import load_published
+
+    one_thread = _build_small(tmp_path / "one", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", ATEN_CPU_CAPABILITY="default",
+                              MKL_CBWR="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", MKL_DYNAMIC="TRUE",
+                              ONEDNN_MAX_CPU_ISA="AVX512_CORE")
+    assert _build_small(tmp_path / "three", OMP_NUM_THREADS="3") == one_thread
+    [small] = [w for w in load_published()["worlds"] if w["size"] == "small" and w["seed"] == 0]
+    assert one_thread == small["weights_sha256"], (
+        "this machine builds another small world than tinyworld/published_world.json records: its float order "
+        "differs (`python -m tinyworld.fingerprint` says more), or the world's recipe or torch changed on purpose "
+        "(then re-record it: tinyworld/published.py)")
+    unpinned = _build_small(tmp_path / "native", OMP_NUM_THREADS="1", AMPO_NATIVE_FLOATS="1")
     assert unpinned["student"] != one_thread["student"]
+
+
+@pytest.mark.skipif(not _pins_apply(), reason="the float pins apply on x86-64 only")
+def test_this_machine_has_the_published_fingerprint():
+    """In seconds, whether this machine builds the published world (tinyworld/fingerprint.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tinyworld.fingerprint"], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "matches published_world.json" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_the_demo_line_compares_the_weights_with_the_record(tiny_world):
+    """`reproduction_line`/`check_world` on a real built world: yes against a record of its own
+    hashes, no (naming a model) when one hash differs, not comparable for another seed."""
+    from tinyworld.published import check_world, world_hashes
+
+    hashes = world_hashes(tiny_world.root)
+    assert set(hashes) == {"student"} | {f"teachers/{style}" for style in STYLES}
+    record = {"torch": tiny_world.summary["float_order"]["torch"], "pins": tiny_world.summary["float_order"]["env"],
+              "worlds": [{"seed": 0, "size": "small", "weights_sha256": hashes}]}
+    assert check_world(tiny_world.root, record) == (True, "the weights of all 5 models match published_world.json")
+    record["worlds"][0]["weights_sha256"] = {**hashes, "teachers/pairs": "0" * 64}
+    verdict, why = check_world(tiny_world.root, record)
+    assert verdict is False and why.startswith("1 of 5 models' weights differ (teachers/pairs, ...)")
+    record["worlds"][0]["seed"] = 1
+    verdict, why = check_world(tiny_world.root, record)
+    assert verdict is None and "seed 0 small" in why

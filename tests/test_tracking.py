@@ -96,7 +96,11 @@ def test_tensorboard_and_mlflow_written_read_back_and_resumed_without_a_step_twi
     assert [e.step for e in events.Scalars("reward")] == [1, 2, 3]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("reward")] == pytest.approx([m["reward"] for m in history])
-    assert [m["num_tokens"] for m in history] == [sum(h["tokens/trained"] for h in history[:i + 1]) for i in range(3)]
+    # TRL's num_tokens: every sampled prompt + completion token so far (kept across the resume)
+    assert [m["num_tokens"] for m in history] == [sum(h["tokens/sampled"] for h in history[:i + 1]) for i in range(3)]
+    assert [m["tokens/trained_total"] for m in history] == [sum(h["tokens/trained"] for h in history[:i + 1])
+                                                            for i in range(3)]
+    assert all(m["tokens/sampled"] > m["tokens/generated"] for m in history)  # prompts counted too
     assert "samples/text_summary" in events.Tags()["tensors"]  # the sampled completions as a text table
 
     # MLflow: one run (the resumed run reopened it), every step once, the config as params

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses
 import json
 import math
 import random
@@ -18,11 +19,13 @@ from ampo_common.errors import InputError
 from ampo_cache.lookup import CachedTrace
 from ampo_train.config import GuidanceSettings, load_train_config
 from ampo_train.data import PromptSampler, Row, collate, prepare_prompts, teacher_response_ids
-from ampo_train.guided_step import TraceSource, plan_guidance
+from ampo_train.guided_step import WholeTraces
+from ampo_train.seeds import RoundSeeds, rollout_seed
 from ampo_train.rewards import format_ok, has_repetition, score_responses
 from ampo_train.rollout import Rollout
 from ampo_train.forward import response_logprobs
 from ampo_train.trainer import train
+from ampo_train.update import UpdateSettings
 from tests.trainer_fixtures import base_config, make_policy, make_tokenizer, make_world, write_config
 
 METRIC_KEYS = {
@@ -107,28 +110,43 @@ def test_reward_terms():
 # ----------------------------------------------------------------------------- the guidance step
 
 
+def _batch(*ids):
+    from ampo_cache.prompts import Prompt
+
+    return prepare_prompts([Prompt(i, f"What is {n} + 1?", str(n + 1)) for n, i in enumerate(ids)], make_tokenizer())
+
+
+SEEDS = RoundSeeds(seed=0, step=1, round_index=0, positions=(0, 1, 2, 3), chunk=4)
+
+
+def _plan(store, correct, settings, scorer=None):
+    lookup = (lambda ids: {i: store.get(i, []) for i in ids}) if store is not None else None
+    batch = _batch(*[f"p{b}" for b in range(len(correct))])
+    return WholeTraces(settings, lookup, scorer).plan(batch, torch.tensor(correct, dtype=torch.bool), 1, SEEDS)
+
+
 def test_plan_guidance_picks_top_k_and_replaces_only_wrong_rollouts():
     store = {
         "p0": [_trace("alpha", "a" * 30), _trace("beta", "b" * 20), _trace("beta", "bb" * 5, 1), _trace("gamma", "c" * 40)],
         "p2": [_trace("alpha", "short")],
         # p3 is absent from the store
     }
-    rewards = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    correct = [[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     scored = []
 
-    def scorer(b, texts):
-        scored.append((b, list(texts)))
+    def scorer(prompt, texts):
+        scored.append((prompt.prompt_id, list(texts)))
         # p0's candidates in selection order: beta "bb"*5 (10 chars), beta "b"*20 -> no: one per teacher
         # first: beta's shortest (10), alpha (30), gamma (40), then beta's other (20).
         return [{"bbbbbbbbbb": 0.2, "a" * 30: 0.9, "c" * 40: 0.5, "b" * 20: 0.7, "short": 0.3}[t] for t in texts], None
 
-    plan = plan_guidance(["p0", "p1", "p2", "p3"], rewards, TraceSource(lambda ids: {i: store.get(i, []) for i in ids},
-                                                                        scorer), GuidanceSettings(k=2), random.Random(0))
+    plan = _plan(store, correct, GuidanceSettings(k=2), scorer)
     # p1 has a correct rollout: not guided; p3 has no trace: counted, not an error
-    assert [b for b, _ in scored] == [0, 2]
+    assert [p for p, _ in scored] == ["p0", "p2"]
     assert scored[0][1] == ["b" * 10, "a" * 30, "c" * 40, "b" * 20]
     r = plan.report
     assert (r.prompts, r.needed, r.guided, r.no_trace, r.injected) == (4, 3, 2, 1, 3)
+    assert r.reasons["all_wrong"] == 2 and r.reasons["below_threshold"] == 0
     assert r.per_teacher == Counter({"alpha": 2, "beta": 1})
     assert sorted(r.picked_scores) == [0.3, 0.7, 0.9] and sorted(r.unpicked_scores) == [0.2, 0.5]
     by_prompt = {}
@@ -137,54 +155,46 @@ def test_plan_guidance_picks_top_k_and_replaces_only_wrong_rollouts():
     # top 2 of p0 by score: alpha (0.9) then beta's 20-char trace (0.7); effective k = 1 for p2
     assert [i.trace.text for i in by_prompt[0]] == ["a" * 30, "b" * 20]
     assert [i.trace.text for i in by_prompt[2]] == ["short"]
-    # the replaced slots are those rng.sample draws from the wrong rollouts, and get reward 1
-    rng = random.Random(0)
-    expected0 = rng.sample([0, 1, 2, 3], 2)
-    expected2 = rng.sample([0, 1, 2, 3], 1)
+    # the replaced slots are those each prompt's own generator draws from its wrong rollouts
+    expected0 = SEEDS.prompt_rng(0).sample([0, 1, 2, 3], 2)
+    expected2 = SEEDS.prompt_rng(2).sample([0, 1, 2, 3], 1)
     assert [i.slot for i in by_prompt[0]] == expected0 and [i.slot for i in by_prompt[2]] == expected2
-    want = rewards.clone()
-    want[0, expected0] = 1.0
-    want[2, expected2] = 1.0
-    assert torch.equal(plan.rewards, want)
-    assert torch.equal(rewards[1], plan.rewards[1])  # the solved prompt is untouched
+    assert not any(i.replaced_correct for i in plan.injections)
 
 
 def test_plan_guidance_off_always_and_random():
     store = {"p0": [_trace("alpha", "x")], "p1": [_trace("beta", "y")]}
-    lookup = lambda ids: {i: store.get(i, []) for i in ids}  # noqa: E731
-    rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    off = plan_guidance(["p0", "p1"], rewards, TraceSource(lookup), GuidanceSettings(mode="off", k=1), random.Random(0))
-    assert off.injections == [] and off.report.needed == 0 and torch.equal(off.rewards, rewards)
-    always = plan_guidance(["p0", "p1"], rewards, TraceSource(lookup), GuidanceSettings(mode="always", k=1, rank="random"),
-                           random.Random(0))
-    assert always.report.guided == 2
-    assert always.rewards[0].sum() == 1.0 and always.rewards[1].tolist() == [1.0, 1.0]
+    correct = [[0, 0], [1, 0]]
+    off = _plan(store, correct, GuidanceSettings(mode="off", k=1))
+    assert off.injections == [] and off.report.needed == 0
+    always = _plan(store, correct, GuidanceSettings(mode="always", k=1, rank="random"))
+    assert always.report.guided == 2 and always.report.reasons["always"] == 1
     assert always.injections[1].slot == 1  # p1: the one wrong rollout is the one replaced
     assert all(i.score is None for i in always.injections)  # random ranking scores nothing
-    no_store = plan_guidance(["p0", "p1"], rewards, TraceSource(None), GuidanceSettings(k=1), random.Random(0))
+    no_store = _plan(None, correct, GuidanceSettings(k=1))
     assert no_store.report.no_trace == 1 and no_store.injections == []
 
 
 def test_wrong_only_injects_min_k_wrong_as_the_reference():
     store = {"p0": [_trace("alpha", "x"), _trace("beta", "yy")], "p1": [_trace("alpha", "z"), _trace("beta", "ww")],
              "p2": [_trace("alpha", "v")]}
-    lookup = lambda ids: {i: store.get(i, []) for i in ids}  # noqa: E731
-    rewards = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
-    ours = plan_guidance(["p0", "p1", "p2"], rewards, TraceSource(lookup),
-                         GuidanceSettings(mode="always", k=2, rank="random"), random.Random(0))
+    correct = [[1, 1, 0], [1, 1, 1], [0, 0, 0]]
+    ours = _plan(store, correct, GuidanceSettings(mode="always", k=2, rank="random"))
     assert [len([i for i in ours.injections if i.prompt_index == b]) for b in range(3)] == [2, 2, 1]
-    ref = plan_guidance(["p0", "p1", "p2"], rewards, TraceSource(lookup),
-                        GuidanceSettings(mode="always", k=2, rank="random", replace="wrong_only"), random.Random(0))
+    assert sum(i.replaced_correct for i in ours.injections) == 3  # p0: one correct slot, p1: two
+    ref = _plan(store, correct, GuidanceSettings(mode="always", k=2, rank="random", replace="wrong_only"))
     # p0: one wrong rollout -> one trace, into that slot; p1: all correct -> none; p2: one candidate
     assert [(i.prompt_index, i.slot) for i in ref.injections] == [(0, 2), (2, ref.injections[1].slot)]
-    assert ref.rewards[0].tolist() == [1.0, 1.0, 1.0] and ref.rewards[1].tolist() == [1.0, 1.0, 1.0]
+    assert not any(i.replaced_correct for i in ref.injections)
     assert (ref.report.guided, ref.report.all_correct, ref.report.injected) == (2, 1, 2)
 
 
 def test_teacher_rows_tokens_mask_and_rewards(world):
     tok = make_tokenizer()
     from ampo_cache.prompts import Prompt
-    from ampo_train.guided_step import GuidancePlan, GuidanceReport, Injection, mixed_rows
+    from ampo_train.guided_step import GuidancePlan, GuidanceReport, Injection
+    from ampo_train.rewards import Rewards
+    from ampo_train.sampling import RowSettings, build_rows
 
     prompts = prepare_prompts([Prompt("p0", "What is 1 + 2?", "3")], tok)
     assert prompts[0].text == "<|user|>What is 1 + 2?\n<|assistant|>"
@@ -194,14 +204,21 @@ def test_teacher_rows_tokens_mask_and_rewards(world):
     assert teacher_response_ids(tok, text, 5) == ids[:5]  # cut: no EOS
     group = [Rollout([5, 6, tok.eos_token_id], "stop"), Rollout([7, 8, 9], "length"), Rollout([5], "length")]
     trace = _trace("alpha", text)
-    plan = GuidancePlan(torch.tensor([[0.0, 1.0, 0.0]]), [Injection(0, 1, trace, text, 0.5)], GuidanceReport())
-    rows = mixed_rows(prompts, [group], plan, tok, 64)
+    plan = GuidancePlan([Injection(0, 1, trace, text, 0.5)], GuidanceReport())
+    scored = Rewards(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([False, True, False]), ["wrong", "correct", "wrong"])
+    rows = build_rows(prompts, [group], scored, plan, tok, RowSettings(64, 1.0, False, "none"))
     assert [r.is_teacher for r in rows] == [False, True, False]
     assert rows[1].response_ids == ids and rows[1].reward == 1.0 and rows[1].teacher == "alpha" and rows[1].finished
     assert rows[0].response_ids == [5, 6, tok.eos_token_id] and rows[0].finished and not rows[2].finished
+    # advantages over the mixed group: rewards [0, 1, 0] -> mean 1/3
+    assert [round(r.advantage, 4) for r in rows] == [-0.3333, 0.6667, -0.3333]
     batch = collate(rows, tok.pad_token_id)
     assert batch.response_mask.sum(dim=1).tolist() == [3, len(ids), 1]  # the mask covers the trace + EOS
     assert batch.is_teacher.tolist() == [False, True, False]
+    # the overlong filter masks the truncated rollouts (never the teacher trace)
+    filtered = build_rows(prompts, [group], scored, plan, tok, RowSettings(64, 1.0, True, "none"))
+    assert [r.in_loss for r in filtered] == [True, True, False]
+    assert collate(filtered, tok.pad_token_id).response_mask.sum(dim=1).tolist() == [3, len(ids), 0]
 
 
 def test_padded_batch_logprobs_match_unpadded_forward(world):
@@ -311,17 +328,37 @@ def test_an_old_vllm_is_one_line_naming_the_version_needed(monkeypatch):
 
 def test_rollout_seeds_and_engine_choice():
     from ampo_train.config import RolloutSettings
-    from ampo_train.rollout import Rollout, resolve_engine, rollout_seed
+    from ampo_train.rollout import Rollout, resolve_engine
 
     seeds = {rollout_seed(0, step, rank) for step in range(1, 50) for rank in range(4)}
     assert len(seeds) == 49 * 4 and all(0 <= s < 2 ** 31 for s in seeds)  # one stream per (step, process)
     assert rollout_seed(3, 7, 1) == rollout_seed(3, 7, 1) != rollout_seed(4, 7, 1)
+    assert rollout_seed(3, 7, 1) != rollout_seed(3, 7, 1, purpose="prefix")
     assert resolve_engine(RolloutSettings(engine="transformers")) == "transformers"
     if not torch.cuda.is_available():
         assert resolve_engine(RolloutSettings(engine="auto")) == "transformers"  # vLLM only pays on a GPU
     stop = Rollout.cut([5, 2, 7, 2], {2}, [-0.1, -0.2, -0.3, -0.4])
     assert (stop.token_ids, stop.finish_reason, stop.logprobs) == ([5, 2], "stop", [-0.1, -0.2])
     assert Rollout.cut([5, 6], {2}).finish_reason == "length"
+
+
+def test_rank_positions_and_round_seeds_do_not_depend_on_the_process_count():
+    """8 prompts, updates of 4, 2 processes: each takes its half of every update's prompts; one
+    process with calls of 2 prompts and two processes with calls of 2 make the same four calls
+    with the same seeds, and draw the same guidance generator per prompt."""
+    from ampo_train.data import rank_positions
+
+    assert rank_positions(8, 0, 1, 8) == list(range(8))
+    assert rank_positions(8, 0, 2, 8) == [0, 1, 2, 3] and rank_positions(8, 1, 2, 8) == [4, 5, 6, 7]
+    assert rank_positions(8, 0, 2, 4) == [0, 1, 4, 5] and rank_positions(8, 1, 2, 4) == [2, 3, 6, 7]
+    one = RoundSeeds(seed=5, step=3, round_index=0, positions=tuple(range(8)), chunk=2)
+    ranks = [RoundSeeds(5, 3, 0, tuple(rank_positions(8, r, 2, 4)), chunk=2) for r in range(2)]
+    calls = {(p[start], seed) for r in ranks for start, _, seed in r.chunks() for p in [r.positions]}
+    assert calls == {(start, seed) for start, _, seed in one.chunks()}
+    assert [(a, b) for a, b, _ in RoundSeeds(5, 3, 0, tuple(range(5)), chunk=2).chunks()] == [(0, 2), (2, 4), (4, 5)]
+    assert one.prompt_rng(6).random() == ranks[1].prompt_rng(2).random() != one.prompt_rng(5).random()
+    again = RoundSeeds(seed=5, step=3, round_index=1, positions=tuple(range(8)), chunk=2)
+    assert again.chunks()[0][2] != one.chunks()[0][2]  # a dynamic-sampling round of its own
 
 
 def test_truncated_importance_sampling_scales_rollout_gradients(world, tmp_path):
@@ -339,12 +376,11 @@ def test_truncated_importance_sampling_scales_rollout_gradients(world, tmp_path)
     current = policy.logprobs(rows, 8)
 
     def grads(shift, tis):
-        for row, lp in zip(rows, current):
-            row.engine_logp = lp + shift
+        shifted = [dataclasses.replace(row, engine_logp=lp + shift) for row, lp in zip(rows, current)]
         model.zero_grad()
         run_cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"is_correction": tis})})
         stats = StepStats()
-        minibatch_backward(policy, rows, run_cfg, stats)
+        minibatch_backward(policy, shifted, UpdateSettings.from_config(run_cfg), stats)
         return [p.grad.clone() for p in model.parameters()], stats.summary()
 
     plain, _ = grads(0.0, None)
@@ -378,6 +414,21 @@ def test_mode_off_from_the_command_line_is_plain_grpo(world, tmp_path):
     assert bad.exit_code == 2 and "guidance.k=lots" in bad.output
 
 
+@pytest.mark.parametrize("rule", ["guidance.mode=pass_threshold", "guidance.mode=adaptive_k"])
+def test_the_reference_rules_run_from_the_command_line(world, tmp_path, rule):
+    """The random student fails everything: each rule guides the groups with traces, adaptive_k
+    with int(4 x 0.5 - 0) = 2 traces each (G = 4), logged with their reason and counts."""
+    from cli.train import app
+
+    path = write_config(tmp_path / "train.yaml", base_config(world, tmp_path / "out"))
+    result = CliRunner().invoke(app, ["run", "--config", str(path), rule, "guidance.pass_num=2", "max_steps=1"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert m["guidance/guided"] > 0 and m["guidance/guided_by/all_wrong"] == m["guidance/guided"]
+    assert m["guidance/k_mean"] == 2.0 and m["guidance/teacher_incorrect"] == 0
+    assert m["guidance/teacher_correct"] == m["guidance/injected"] and m["guidance/replaced_correct"] == 0
+
+
 @pytest.mark.parametrize("aggregation", ["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"])
 def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation):
     """Gradient accumulation over micro-batches of 3 rows, or packed by a token budget (rows
@@ -398,7 +449,7 @@ def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation
         response = torch.randint(3, 80, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
         rows.append(Row(prompt, response, 0.0, is_teacher=i % 4 == 1, advantage=float(torch.randn(1, generator=gen))))
     budget = 40
-    packed = micro_batches(rows, cfg.model_copy(update={"micro_batch_tokens": budget}))
+    packed = micro_batches(rows, UpdateSettings.from_config(cfg.model_copy(update={"micro_batch_tokens": budget})))
     # the budget case is a real one: several micro-batches, rows out of order, each within budget
     assert 3 < len(packed) < 10 and [i for b in packed for i in b] != list(range(10))
     assert all(len(b) == 1 or padded_tokens(row_lengths(rows), b) <= budget for b in packed)
@@ -406,9 +457,9 @@ def test_micro_batches_accumulate_to_the_full_batch(world, tmp_path, aggregation
     for micro, tokens, offload in ((10, None, False), (3, None, False), (10, budget, False), (3, None, True)):
         model.zero_grad()
         stats = StepStats()
-        minibatch_backward(make_policy(model, cfg.rollout), rows,
-                           cfg.model_copy(update={"micro_batch_size": micro, "micro_batch_tokens": tokens,
-                                                  "activation_offload": offload}), stats)
+        minibatch_backward(make_policy(model, cfg.rollout), rows, UpdateSettings.from_config(
+            cfg.model_copy(update={"micro_batch_size": micro, "micro_batch_tokens": tokens,
+                                   "activation_offload": offload})), stats)
         grads.append([p.grad.clone() for p in model.parameters()])
         summary = stats.summary()
         entropy.append(summary["entropy"])

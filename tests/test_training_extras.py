@@ -49,7 +49,7 @@ def test_eval_during_training_and_sample_log(world, tmp_path):
     # a random student fails everything: the logged group is a guided one, with its teacher traces
     injected = [r for r in rows if r["injected"]]
     assert len(injected) == cfg.guidance.k and all(r["teacher"] and r["reward"] == 1.0 for r in injected)
-    assert all(r["comprehension"] is not None and r["correct"] is None for r in injected)
+    assert all(r["comprehension"] is not None and r["correct"] is True for r in injected)  # verified traces
     assert all(r["correct"] is False and r["teacher"] is None for r in rows if not r["injected"])
     assert len({r["prompt_id"] for r in rows}) == 1 and all(r["response"] for r in injected)
 

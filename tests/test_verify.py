@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ampo_cache.verify import Verifier, extract_answer, verify_one
@@ -68,3 +70,79 @@ def test_in_process_and_pool_agree():
 def test_lengths_must_match():
     with pytest.raises(ValueError):
         Verifier(workers=0).verify(["a"], [])
+
+
+# ---------------------------------------------------------------- <answer>...</answer> (rule 0)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>3 + 4 = 7</think> <answer>7</answer>", "7"),
+        ("<think>maybe \\boxed{8}?</think><answer>7</answer>", "7"),  # the declared answer wins over a box outside
+        ("<answer>\\boxed{\\frac{1}{2}}</answer>", "\\frac{1}{2}"),  # a box inside the tag
+        ("<answer> $\\frac{1}{2}$. </answer>", "\\frac{1}{2}"),  # LaTeX kept whole, not its last number
+        ("<answer>(1, 2]</answer>", "(1, 2]"),
+        ("<answer>The answer is 12.</answer>", "12"),
+        ("<answer>\nx = 4, so\n x = 5 \n</answer>", "x = 5"),  # its last non-empty line
+        ("<ANSWER>9</Answer>", "9"),  # tags in any case
+        ("<answer>1</answer> then <answer>2</answer>", "2"),  # the last pair
+        ("<answer></answer> so it is 5", "5"),  # an empty pair: the rules before tags, on the whole text
+        ("<answer>\\boxed{}</answer>", None),
+        ("<answer>7", "7"),  # unclosed (truncated): no pair, judged as before (the last number)
+        ("so it is 4 </answer>", "4"),  # a close tag alone is no pair: the last number, as before
+    ],
+)
+def test_extract_answer_tags(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, answer, status",
+    [
+        ("<think>2 + 2</think><answer>4</answer>", "4", "correct"),
+        ("<think>...</think><answer>\\frac{2}{4}</answer>", "0.5", "correct"),  # math-verify on the tag's content
+        ("<answer>x = 5</answer>", "5", "correct"),
+        ("<think>\\boxed{4}</think><answer>5</answer>", "4", "wrong"),
+        ("<answer></answer>", "4", "no_answer"),
+    ],
+)
+def test_verify_tagged_responses(text, answer, status):
+    assert verify_one(text, answer).status == status
+
+
+def _extract_before_tags(text):
+    """``extract_answer`` as it was before rule 0 (frozen here): what untagged responses must keep getting."""
+    import re
+
+    from ampo_cache.boxed import last_boxed_content
+
+    def clean(answer):
+        return re.sub(r"^[\s$]+|[\s$.]+$", "", answer)
+
+    boxed = last_boxed_content(text)
+    if boxed is not None:
+        return clean(boxed) or None
+    for pattern in (r"(?i)the (?:final )?answer is[:\s]*([^\n]+)", r"####\s*([^\n]+)", r"(?m)^\s*A:\s*(.+?)\s*$"):
+        matches = re.findall(pattern, text)
+        if matches:
+            inner = last_boxed_content(matches[-1])
+            answer = clean(inner if inner is not None else matches[-1])
+            if answer:
+                return answer
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?", text)
+    return clean(numbers[-1]) if numbers else None
+
+
+def test_responses_without_a_tag_pair_are_judged_exactly_as_before():
+    import random
+
+    # Pieces of real responses, <answer> alone and </answer> alone among them (an unclosed or stray tag is no pair).
+    pieces = ["\\boxed{42}", "\\boxed{}", "\\boxed{\\frac{1}{2}}", "the answer is 7.", "The final answer is: $3$",
+              "#### 1,000", "\nA: -3\n", "so 12 + 5 = 17", "3/4", " and ", "\n", "x = 5", "$\\{1, 2\\}$", "<answer>",
+              "</answer>", "<think>", "</think>", "no number", "\\boxed{\\boxed{3}}", "\\fbox{9}", "</answer> <answer>"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for _ in range(3000)]
+    untagged = [t for t in texts if not re.search(r"(?is)<answer>.*</answer>", t)]
+    assert len(untagged) > 1500
+    assert [extract_answer(t) for t in untagged] == [_extract_before_tags(t) for t in untagged]

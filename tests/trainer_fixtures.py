@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -63,6 +64,33 @@ def make_student(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2)
     return folder
 
 
+def make_unigram_student(folder: Path, probabilities: dict[str, float], hidden: int = 64, layers: int = 2) -> Path:
+    """A tiny Llama that writes every token from the same distribution whatever it has read: every
+    embedding is the same vector and every attention and MLP weight is zero, so the last hidden
+    state is constant and the LM head alone sets the logits (``probabilities``: character or
+    ``<eos>`` -> probability; the rest of the vocabulary shares nothing). A real checkpoint whose
+    outputs the verifier sometimes accepts: groups with some rollouts right and some wrong, at a
+    rate set here rather than learned. Training moves it like any model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    make_student(folder, hidden=hidden, layers=layers)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = make_tokenizer()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "embed_tokens" in name:
+                param.fill_(1.0)
+            elif "norm" not in name and "lm_head" not in name:
+                param.zero_()
+        logits = torch.full((len(tok),), -30.0)
+        for token, p in probabilities.items():
+            logits[tok.convert_tokens_to_ids(token)] = math.log(p)
+        model.lm_head.weight.copy_((logits / hidden).unsqueeze(1).expand(-1, hidden))  # . ones(hidden) = logits
+    model.save_pretrained(folder)
+    return folder
+
+
 def make_problems(n: int, seed: int = 0) -> list[tuple[str, str, int, int]]:
     rng = random.Random(seed)
     seen, out = set(), []
@@ -76,14 +104,21 @@ def make_problems(n: int, seed: int = 0) -> list[tuple[str, str, int, int]]:
 
 
 def make_world(root: Path, num_prompts: int = 12, covered: float = 0.75, seed: int = 0, hidden: int = 64,
-               layers: int = 2) -> dict[str, Path]:
-    """Student, prompts and store under ``root``. The first ``covered`` share of prompts get traces."""
+               layers: int = 2, problems: list[tuple[str, str, int, int]] | None = None,
+               unigram: dict[str, float] | None = None) -> dict[str, Path]:
+    """Student, prompts and store under ``root``. The first ``covered`` share of prompts get traces.
+    ``problems``: (text, answer, a, b) instead of random two-digit sums; ``unigram``: the student is
+    ``make_unigram_student``'s with these probabilities instead of a random one."""
     from ampo_cache.importer import LongLayout, import_long
     from ampo_cache.verify import Verifier
 
     root.mkdir(parents=True, exist_ok=True)
-    student = make_student(root / "student", seed=seed, hidden=hidden, layers=layers)
-    problems = make_problems(num_prompts, seed)
+    if unigram is not None:
+        student = make_unigram_student(root / "student", unigram, hidden=hidden, layers=layers)
+    else:
+        student = make_student(root / "student", seed=seed, hidden=hidden, layers=layers)
+    problems = problems or make_problems(num_prompts, seed)
+    num_prompts = len(problems)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"problem": p, "answer": ans}) + "\n" for p, ans, _, _ in problems))
     traces = root / "traces.jsonl"

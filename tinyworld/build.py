@@ -34,6 +34,7 @@ import yaml
 from transformers.utils import logging as hf_logging
 
 from ampo_common.errors import InputError
+from tinyworld.determinism import float_order
 from tinyworld.evaluate import score_model
 from tinyworld.models import ModelSize, chat_example, new_model, train
 from tinyworld.problems import HARD_LEVEL, TERMS_PER_LEVEL, Problem, ProblemSampler, held_out_problems
@@ -210,6 +211,7 @@ def build_world(root: Path, seed: int = 0, size_name: str = "full",
                      for name, levels_ in accuracy.items()},
         "teachers_union_coverage_hard": sum(teachers_solved) / len(teachers_solved),
         "student_all_wrong_groups_hard": accuracy["student"][HARD_LEVEL]["all_wrong"],
+        "float_order": float_order(),  # what the weights depend on (tinyworld.published compares them)
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }

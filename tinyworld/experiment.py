@@ -50,6 +50,13 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "grpo-dynamic": (["guidance.mode=off", "dynamic_sampling.enabled=true"], "GRPO + dynamic sampling (DAPO's)"),
     "ampo-prefix-dynamic": (["guidance.prefix={fraction: 0.5, schedule: cosine, final: 0.0}",
                              "dynamic_sampling.enabled=true"], "prefix guidance + dynamic sampling"),
+    # The reference's newer rules (docs/results.md, "The reference's newest rule").
+    "ampo-pass4": (["guidance.mode=pass_threshold", "guidance.pass_num=4"],
+                   "AMPO guiding below 4 of 8 correct (the reference's pass_num), k=1 in place of wrong rollouts"),
+    "ampo-adaptive-k": (["guidance.mode=adaptive_k"], "AMPO with adaptive k (the reference's 2026-03 rule): below 4 "
+                        "of 8 correct, int(4 - correct) traces in place of wrong rollouts"),
+    "ampo-adaptive-k-dynamic": (["guidance.mode=adaptive_k", "dynamic_sampling.enabled=true"],
+                                "adaptive k + dynamic sampling (the reference's trainer is DAPO's)"),
 }
 DEMO_ARMS = ("grpo", "ampo")
 LEVELS = (1, 2, 3, 4)
@@ -175,8 +182,9 @@ def training_figures(history: Sequence[dict]) -> dict[str, float]:
     fifth of the steps: the guided fraction of prompts, and the fraction of groups whose own
     rollouts were all wrong (what guidance answers; GRPO has it too, so it tells whether guidance
     fails to fade or the student fails to learn the hard prompts). Over all steps: the fraction of
-    tokens the PPO clip acted on, and the mean comprehension score of the traces guidance picked
-    and of those it left (left out where nothing was scored, as in GRPO)."""
+    tokens the PPO clip acted on, the mean comprehension score of the traces guidance picked and of
+    those it left (left out where nothing was scored, as in GRPO), the mean traces injected per
+    guided prompt, and the mean wall time of a step (the tables give it as a ratio to GRPO's)."""
     fifth = max(1, len(history) // 5)
 
     def mean(rows, key):
@@ -189,7 +197,9 @@ def training_figures(history: Sequence[dict]) -> dict[str, float]:
                "all_wrong_last_fifth": mean(history[-fifth:], "groups/all_wrong"),
                "clip_fraction": mean(history, "clip/fraction"),
                "comprehension_picked": mean(history, "comprehension/picked"),
-               "comprehension_unpicked": mean(history, "comprehension/unpicked")}
+               "comprehension_unpicked": mean(history, "comprehension/unpicked"),
+               "k_mean": mean(history, "guidance/k_mean"),
+               "step_time": mean(history, "time/step")}
     return {name: value for name, value in figures.items() if not math.isnan(value)}
 
 
@@ -245,15 +255,24 @@ def table_rows(summary: dict, short: bool = False) -> tuple[list[str], list[list
     terminal (see SHORT_LEGEND)."""
     seeds = len(summary["seeds"])
     headings = ["model"] + (SHORT_HEADINGS if short else [h for h, _, _ in TABLE_COLUMNS] + [
-        "guided: first → last fifth", "all-wrong groups: first → last fifth"])
+        "guided: first → last fifth", "all-wrong groups: first → last fifth", "step time / GRPO's"])
+    grpo_step = (summary["results"].get("grpo", {}).get("training") or {}).get("step_time")
     spec = ".0%" if short else ".2f"  # percentages keep the short table within 80 columns
     rows = []
     for label, result in summary["results"].items():
         cells = [_cell(result.get(bench, {}).get(fig), seeds) for _, bench, fig in TABLE_COLUMNS]
         training = result.get("training") or {}
         phases = ["guided"] if short else ["guided", "all_wrong"]
-        rows.append([label] + cells + [_first_to_last(training, name, spec) for name in phases])
+        rows.append([label] + cells + [_first_to_last(training, name, spec) for name in phases]
+                    + ([] if short else [_step_time_ratio(training.get("step_time"), grpo_step)]))
     return headings, rows
+
+
+def _step_time_ratio(step_time: dict | None, grpo_step: dict | None) -> str:
+    """An arm's mean step time over GRPO's in the same experiment (wall time: a ratio, as machines differ)."""
+    if not step_time or not grpo_step:
+        return "-"
+    return f"{step_time['mean'] / grpo_step['mean']:.2f}x"
 
 
 def _first_to_last(training: dict, name: str, spec: str) -> str:

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tinyworld.determinism import ADAMW_OPTIONS
 from tinyworld.problems import Problem
 
 
@@ -69,7 +70,8 @@ def train(
     on_step: Callable[[float], None] | None = None,
 ) -> float:
     """AdamW with a short warm-up and cosine decay; returns the last loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    # fused: ATen's own AdamW, whose square root is exact on every CPU (tinyworld.determinism)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98), **ADAMW_OPTIONS)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))

@@ -1,11 +1,13 @@
 """Benchmark files in the layouts they are published in, read as (problem, accepted answers) pairs.
 
 A row's problem is the first of ``problem``, ``question``, ``prompt`` (text, or a chat-message list:
-the content of its last user turn, as in verl files). Its ground truth is the first of ``answer``,
+the content of its last user turn, as in verl files; the whole list is kept too, and the model is
+prompted with it as given, system turn included: ``BenchItem.messages``). Its ground truth is the first of ``answer``,
 ``final_answer``, ``gt``, ``ground_truth``, ``reward_model.ground_truth``, else a ``solution`` from
 which the final answer is read: after ``####`` (GSM8K) or in the last ``\\boxed{}`` (MATH).
 ``--problem-col``/``--answer-col`` name other columns. The layout is decided on the first row; a
-file it does not fit fails with one line listing the columns found.
+file it does not fit fails with one line listing the columns found. A ``data_source`` column (verl's,
+one source per row) is kept per row (``BenchItem.source``), so results can be split by it.
 
 The ground truth is read the way each publication writes it, so a downloaded file needs no
 rewriting:
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ampo_common.errors import InputError
@@ -39,12 +41,24 @@ EXPECTED = (f"a problem column ({' | '.join(PROBLEM_COLUMNS)}) and an answer col
 _DOLLARS = re.compile(r"^\$+(.*?)\$+$", re.DOTALL)
 
 
+Message = tuple[str, str]  # (role, content) of one chat turn
+
+
 @dataclass(frozen=True)
 class BenchItem:
-    """One problem and the answers accepted for it (usually one; any of them counts as correct)."""
+    """One problem and the answers accepted for it (usually one; any of them counts as correct).
+
+    A problem is its text and answers (equality and hashing look at nothing else); how the file
+    presents it rides along: ``messages``, the row's chat prompt as given (None for a plain-text
+    problem, which the evaluation wraps in the model's chat template itself), ``source``, the
+    row's ``data_source``, and ``where``, the row's place in its file for error messages.
+    """
 
     problem: str
     answers: tuple[str, ...]
+    messages: tuple[Message, ...] | None = field(default=None, compare=False)
+    source: str | None = field(default=None, compare=False)
+    where: str = field(default="", compare=False)
 
     def __post_init__(self):
         if isinstance(self.answers, str):  # BenchItem("1+1?", "2"): a single answer
@@ -55,11 +69,23 @@ class BenchItem:
             raise ValueError("a benchmark problem needs at least one accepted answer")
 
 
-def _problem(where: str, record: dict, name: str) -> str:
+def _problem(where: str, record: dict, name: str) -> tuple[str, tuple[Message, ...] | None]:
+    """The problem text, and the chat messages when the cell is a message list (verl's ``prompt``)."""
     value = record[name]
-    if isinstance(value, list):
-        return chat_user_content(where, value, name)
-    return text_field(where, value, name)
+    if not isinstance(value, (list, tuple)):
+        return text_field(where, value, name), None
+    messages = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+            raise InputError(where, f"column {name!r}: turn {i} is not a {{role, content}} message")
+        content = text_field(where, turn.get("content"), f"{name}[{i}].content", allow_empty=True)
+        messages.append((turn["role"], content))
+    return chat_user_content(where, value, name), tuple(messages)
+
+
+def _source(where: str, record: dict) -> str | None:
+    value = record.get("data_source")
+    return None if value is None else text_field(where, value, "data_source")
 
 
 def number_text(value: int | float) -> str:
@@ -124,23 +150,48 @@ def _pick(record: dict, problem_col: str | None, answer_col: str | None) -> tupl
     return problem, answer
 
 
-def load_benchmark(path: str | Path, problem_col: str | None = None, answer_col: str | None = None) -> list[BenchItem]:
-    """Every row of the file, in order (duplicates kept: a benchmark's rows are its problems)."""
+def load_benchmark(path: str | Path, problem_col: str | None = None, answer_col: str | None = None,
+                   limit: float | None = None) -> list[BenchItem]:
+    """Every row of the file, in order (duplicates kept: a benchmark's rows are its problems).
+
+    ``limit`` (lm-eval's ``--limit``): a whole number N keeps the first N rows (the rest of the file
+    is not read); a fraction below 1 keeps that share of the rows, rounded up.
+    """
+    count = row_limit(limit)
     items: list[BenchItem] = []
     columns: tuple[str, str] | None = None
     for where, record in read_records(path):
+        if count is not None and len(items) >= count:
+            break
         if columns is None:
-            problem, answer = _pick(record, problem_col, answer_col)
-            if problem is None or answer is None:
-                wanted = EXPECTED if problem_col is None and answer_col is None else \
-                    f"columns {problem_col or 'problem'!r} and {answer_col or 'answer'!r}"
-                raise InputError(where, f"unknown benchmark layout: columns found: {', '.join(map(str, record))}; "
-                                        f"expected {wanted}")
-            columns = (problem, answer)
+            columns = _layout(where, record, problem_col, answer_col)
         if columns[0] not in record or (columns[1] not in record and "." not in columns[1]):
             raise InputError(where, f"missing column {columns[0] if columns[0] not in record else columns[1]!r} "
                                     f"(columns found: {', '.join(map(str, record))})")
-        items.append(BenchItem(_problem(where, record, columns[0]), _answers(where, record, columns[1])))
+        problem, messages = _problem(where, record, columns[0])
+        items.append(BenchItem(problem, _answers(where, record, columns[1]), messages, _source(where, record), where))
     if not items:
         raise InputError(str(path), "no problems in the file")
+    if limit is not None and count is None:
+        return items[:math.ceil(len(items) * limit)]
     return items
+
+
+def row_limit(limit: float | None) -> int | None:
+    """The row count a ``--limit`` asks for when it is a whole number (None: a fraction, or no limit)."""
+    if limit is None:
+        return None
+    if not limit > 0 or (limit >= 1 and not float(limit).is_integer()):
+        raise InputError("--limit", f"expected a whole number of rows (>= 1) or a fraction of each file (0 < x < 1), "
+                                    f"got {limit}")
+    return int(limit) if limit >= 1 else None
+
+
+def _layout(where: str, record: dict, problem_col: str | None, answer_col: str | None) -> tuple[str, str]:
+    problem, answer = _pick(record, problem_col, answer_col)
+    if problem is None or answer is None:
+        wanted = EXPECTED if problem_col is None and answer_col is None else \
+            f"columns {problem_col or 'problem'!r} and {answer_col or 'answer'!r}"
+        raise InputError(where, f"unknown benchmark layout: columns found: {', '.join(map(str, record))}; "
+                                f"expected {wanted}")
+    return problem, answer

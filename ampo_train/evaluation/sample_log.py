@@ -6,7 +6,10 @@ answers, usually one), ``greedy`` (true for the greedy decode of ``--greedy``, f
 samples), ``sample_idx`` (0..n-1; 0 for greedy), ``temperature``, ``response``, ``extracted_answer``
 (what the verifier read, null when none), ``verify_status`` (correct / wrong / no_answer / timeout /
 error), ``correct``, ``num_tokens`` and ``finish_reason`` (stop / length; null when the engine did
-not say).
+not say); then ``data_source`` (the row's, null when the file has none), ``prompt`` (the chat as
+the model received it, template applied and any cut made), ``prompt_tokens``, ``prompt_cut``
+(tokens cut from its left to fit the context, 0 when whole) and ``batch`` (which generate call of
+the benchmark sampled it; its sampled and greedy decodes share one).
 
 The file is written with pyarrow under a temporary name beside the target and renamed into place,
 so a reader never sees half a log and a killed evaluation leaves the previous file intact.
@@ -32,6 +35,8 @@ SCHEMA = pa.schema([
     ("answers", pa.list_(pa.string())), ("greedy", pa.bool_()), ("sample_idx", pa.int32()),
     ("temperature", pa.float64()), ("response", pa.string()), ("extracted_answer", pa.string()),
     ("verify_status", pa.string()), ("correct", pa.bool_()), ("num_tokens", pa.int32()), ("finish_reason", pa.string()),
+    ("data_source", pa.string()), ("prompt", pa.string()), ("prompt_tokens", pa.int32()), ("prompt_cut", pa.int32()),
+    ("batch", pa.int32()),
 ])
 
 
@@ -53,8 +58,12 @@ def sample_rows(label: str, per_file: dict[str, list["ProblemRecord"]], settings
     rows = []
     for benchmark, records in per_file.items():
         for idx, record in enumerate(records):
+            prompt = record.prompt
             base = dict(model=label, benchmark=benchmark, problem_idx=idx, problem=record.item.problem,
-                        answers=list(record.item.answers))
+                        answers=list(record.item.answers), data_source=record.item.source,
+                        prompt=None if prompt is None else prompt.text,
+                        prompt_tokens=None if prompt is None else len(prompt.ids),
+                        prompt_cut=None if prompt is None else prompt.cut, batch=record.batch)
             decodes = [(False, i, settings.temperature, a, v) for i, (a, v) in enumerate(zip(record.answers, record.verdicts))]
             if record.greedy is not None:
                 decodes.append((True, 0, 0.0, record.greedy, record.greedy_verdict))
