@@ -85,7 +85,9 @@ def test_training_figures_by_hand():
     assert figures["clip_fraction"] == pytest.approx(0.045)  # mean of 0.00 .. 0.09
     assert figures["comprehension_picked"] == pytest.approx(0.6)  # NaN steps (nothing scored) left out
     assert figures["k_mean"] == pytest.approx(18 / 9)  # steps 1-9: k 1,2,3,1,2,3,1,2,3; step 10 guided nothing (null)
-    assert figures["step_time"] == pytest.approx(5.5)  # mean of 1 .. 10 s
+    assert figures["step_time"] == pytest.approx(5.5)  # median of 1 .. 10 s
+    history[-1]["time/step"] = 600.0  # a step the machine stalled: the median holds
+    assert training_figures(history)["step_time"] == pytest.approx(5.5)
     # GRPO logs no comprehension: the figure is absent, not NaN (results.json stays strict JSON)
     grpo = training_figures([{k: v for k, v in row.items() if not k.startswith("comprehension")} for row in history])
     assert "comprehension_picked" not in grpo and grpo["guided_first_fifth"] == pytest.approx(0.4)

@@ -184,12 +184,13 @@ def training_figures(history: Sequence[dict]) -> dict[str, float]:
     fails to fade or the student fails to learn the hard prompts). Over all steps: the fraction of
     tokens the PPO clip acted on, the mean comprehension score of the traces guidance picked and of
     those it left (left out where nothing was scored, as in GRPO), the mean traces injected per
-    guided prompt, and the mean wall time of a step (the tables give it as a ratio to GRPO's)."""
+    guided prompt, and the median wall time of a step (the tables give it as a ratio to GRPO's; the
+    median, so that a few steps slowed by other work on the machine do not move it)."""
     fifth = max(1, len(history) // 5)
 
-    def mean(rows, key):
+    def mean(rows, key, average=statistics.fmean):
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
-        return statistics.fmean(values) if values else math.nan
+        return average(values) if values else math.nan
 
     figures = {"guided_first_fifth": mean(history[:fifth], "guidance/fraction"),
                "guided_last_fifth": mean(history[-fifth:], "guidance/fraction"),
@@ -199,7 +200,7 @@ def training_figures(history: Sequence[dict]) -> dict[str, float]:
                "comprehension_picked": mean(history, "comprehension/picked"),
                "comprehension_unpicked": mean(history, "comprehension/unpicked"),
                "k_mean": mean(history, "guidance/k_mean"),
-               "step_time": mean(history, "time/step")}
+               "step_time": mean(history, "time/step", statistics.median)}
     return {name: value for name, value in figures.items() if not math.isnan(value)}
 
 
