@@ -526,18 +526,13 @@ def _qwen2_student(folder: Path, smoke: bool) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from bench.update_probe import QWEN2_05B
-    from tests.trainer_fixtures import make_tokenizer
+    from tests.trainer_fixtures import make_tokenizer, save_model
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     config = Qwen2Config(**{**QWEN2_05B, **_toy(smoke), "vocab_size": len(tokenizer), "max_position_embeddings": 8192,
                             "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id})
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model(Qwen2ForCausalLM(config), tokenizer, folder)
 
 
 RUN_KEYS = ("reward", "guidance/fraction", "guidance/injected", "grad_norm", "entropy", "completions/mean_length",

@@ -56,11 +56,15 @@ def make_student(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2)
         max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         bos_token_id=None, tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    return save_model(LlamaForCausalLM(config), tok, folder)
+
+
+def save_model(model, tokenizer, folder: Path) -> Path:
+    """A model folder as `from_pretrained` reads it: weights, tokenizer, and generation stopping at EOS."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
